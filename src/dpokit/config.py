@@ -1,0 +1,151 @@
+"""Training configuration.
+
+Keys follow TRL's `DPOConfig` where TRL has the concept, so a TRL config moves over by
+copying its keys. dpokit's own keys (model, data, reference handling, speed switches) are
+grouped at the end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import DpokitError
+
+
+@dataclass
+class TrainConfig:
+    # --- objective (TRL names) ---
+    beta: float = 0.1
+    loss_type: str | list[str] = "sigmoid"
+    loss_weights: list[float] | None = None
+    label_smoothing: float = 0.0
+    reference_free: bool = False
+    # --- optimisation (TRL / transformers names) ---
+    learning_rate: float = 1e-6
+    lr_scheduler_type: str = "linear"
+    warmup_ratio: float = 0.0
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    per_device_train_batch_size: int = 8
+    per_device_eval_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    num_train_epochs: float = 1.0
+    max_steps: int = -1
+    seed: int = 42
+    bf16: bool | None = None  # None: bf16 autocast on CUDA when the GPU supports it, fp32 elsewhere
+    # --- data (TRL names) ---
+    max_length: int | None = 1024
+    max_prompt_length: int | None = 512
+    dataset_num_proc: int | None = None
+    # --- logging and checkpoints (TRL names) ---
+    output_dir: str = "runs/dpo"
+    logging_steps: int = 10
+    eval_steps: int | None = None
+    save_steps: int = 500
+    save_total_limit: int | None = 2
+    resume_from_checkpoint: bool | str = False
+    report_to: list[str] = field(default_factory=lambda: ["jsonl"])
+    disable_tqdm: bool = False
+    precompute_ref_log_probs: bool = True  # reference log-probs computed once, cached on disk
+    # --- dpokit: model and data ---
+    model: str = ""
+    ref_model: str | None = None  # None: a frozen copy of `model` (or the base weights, with LoRA)
+    train_data: str = ""
+    eval_data: str | None = None
+    family: str = "causal_lm"
+    lora: dict[str, Any] | None = None  # peft LoraConfig keys, e.g. {r: 16, lora_alpha: 32}
+    merge_lora: bool = False
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16: weights as loaded
+    attn_implementation: str = "sdpa"
+    trust_remote_code: bool = False
+    on_bad_row: str = "error"  # error: stop at the first bad row; skip: drop it, count and warn
+    # --- dpokit: speed switches (each exact; off gives the plain padded computation) ---
+    share_prompt: bool = True  # prompt computed once per pair: [prompt | chosen | rejected]
+    padding_free: bool = True  # pairs packed into rows with no pad tokens
+    pack_tokens: int = 2048  # at most this many tokens in one packed row
+    logits_chunk_size: int = 1024  # LM-head log-probs this many tokens at a time
+    ref_cache_dir: str | None = None  # default: ~/.cache/dpokit/ref-logps
+
+    def __post_init__(self):
+        if isinstance(self.loss_type, str) and "," in self.loss_type:
+            self.loss_type = [s.strip() for s in self.loss_type.split(",")]
+        if isinstance(self.report_to, str):
+            self.report_to = [s.strip() for s in self.report_to.split(",") if s.strip()]
+        if self.on_bad_row not in ("error", "skip"):
+            raise DpokitError(f"on_bad_row must be 'error' or 'skip', got {self.on_bad_row!r}")
+        if self.beta <= 0:
+            raise DpokitError(f"beta must be > 0, got {self.beta}")
+        for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps"):
+            if getattr(self, name) < 1:
+                raise DpokitError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    @property
+    def loss_types(self) -> list[str]:
+        return [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def _parse_value(text: str) -> Any:
+    """A command-line override value, read as YAML so `beta=0.2`, `lora={r: 8}` and `bf16=true` work."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def load_config(path: str | Path | None, overrides: list[str] = (), **extra: Any) -> TrainConfig:
+    """YAML file, then `key=value` overrides, then keyword overrides."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except OSError as e:
+            raise DpokitError(f"{p}: cannot read config ({e.strerror})") from None
+        except yaml.YAMLError as e:
+            raise DpokitError(f"{p}: not valid YAML ({e})") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise DpokitError(f"{p}: the config must be a mapping of keys to values")
+        values.update(loaded or {})
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise DpokitError(f"override {item!r} is not of the form key=value")
+        values[key.strip()] = _parse_value(value)
+    values.update(extra)
+    known = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise DpokitError(f"unknown config key(s): {', '.join(unknown)}")
+    for key, value in values.items():
+        _check_type(key, value, known[key])
+    return TrainConfig(**values)
+
+
+def _check_type(key: str, value: Any, f: dataclasses.Field) -> None:
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    if value is None or default is None:
+        return
+    wanted = type(default)
+    ok = isinstance(value, wanted) or (wanted is float and isinstance(value, int) and not isinstance(value, bool))
+    if wanted is int and isinstance(value, bool):
+        ok = False
+    if key in ("loss_type", "resume_from_checkpoint", "report_to") and isinstance(value, (str, list, bool)):
+        ok = True
+    if not ok:
+        raise DpokitError(f"config key {key!r} expects {wanted.__name__}, got {json.dumps(value)}")

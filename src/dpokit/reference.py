@@ -1,0 +1,124 @@
+"""The reference model, and its log-probs cached on disk.
+
+Four ways to get a reference: none (reference-free), a separate model path, the policy's
+own base weights with LoRA adapters switched off (no second copy), or a frozen copy of the
+policy's starting weights. With `precompute_ref_log_probs` (the default) the reference runs
+once over the data before training; its log-probs are stored under a key made from the
+reference weights, the encoded examples (which covers tokenizer, data and truncation) and
+the dtype, then reused by later epochs and later runs. The reference is not kept in memory
+while the policy trains.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import logging
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+log = logging.getLogger("dpokit")
+CACHE_VERSION = b"dpokit-ref-logps-v1"
+
+
+def weights_fingerprint(model: nn.Module, skip_lora: bool = False) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for name, tensor in sorted(model.state_dict().items()):
+        if skip_lora and "lora_" in name:
+            continue
+        h.update(name.replace("base_model.model.", "").encode())
+        t = tensor.detach().cpu().contiguous()
+        h.update(str(t.dtype).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def examples_fingerprint(examples: list) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for ex in examples:
+        for ids in (ex.prompt_ids, ex.chosen_ids, ex.rejected_ids):
+            h.update(len(ids).to_bytes(4, "little"))
+            h.update(torch.tensor(ids, dtype=torch.int64).numpy().tobytes())
+    return h.hexdigest()
+
+
+class Reference:
+    """Reference log-probs for a batch, from whichever source the config names."""
+
+    def __init__(self, scorer: nn.Module | None, adapter_off: bool = False):
+        self.scorer = scorer  # a family scorer around the reference weights; None when reference-free
+        self.adapter_off = adapter_off
+
+    @property
+    def free(self) -> bool:
+        return self.scorer is None
+
+    def _context(self):
+        if self.adapter_off:
+            return self.scorer.model.disable_adapter()
+        return contextlib.nullcontext()
+
+    @torch.no_grad()
+    def logps(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        was_training = self.scorer.training
+        self.scorer.eval()
+        with self._context():
+            terms = self.scorer(batch)
+        self.scorer.train(was_training)
+        return terms.chosen.float(), terms.rejected.float()
+
+    def fingerprint(self) -> str:
+        return weights_fingerprint(self.scorer.model, skip_lora=self.adapter_off)
+
+
+def build_reference(cfg, family, policy_model: nn.Module, device) -> Reference:
+    if cfg.reference_free:
+        return Reference(None)
+    if cfg.ref_model:
+        model = family.load_model(cfg.ref_model, cfg).to(device)
+        return Reference(family.scorer(model, cfg))
+    if cfg.lora is not None:
+        return Reference(family.scorer(policy_model, cfg), adapter_off=True)
+    if cfg.precompute_ref_log_probs:
+        # Before the first step the policy *is* the reference: score with it, keep no copy.
+        return Reference(family.scorer(policy_model, cfg))
+    frozen = copy.deepcopy(policy_model).requires_grad_(False).eval()
+    return Reference(family.scorer(frozen, cfg))
+
+
+def cache_path(cfg, reference: Reference, examples: list) -> Path:
+    root = Path(cfg.ref_cache_dir or os.environ.get("DPOKIT_CACHE", Path.home() / ".cache" / "dpokit")) / "ref-logps"
+    h = hashlib.blake2b(CACHE_VERSION, digest_size=16)
+    h.update(reference.fingerprint().encode())
+    h.update(examples_fingerprint(examples).encode())
+    h.update(cfg.dtype.encode())
+    return root / f"{h.hexdigest()}.safetensors"
+
+
+def precompute(cfg, reference: Reference, examples: list, collate, device, name: str = "train",
+               disable_tqdm: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference log-probs for every example, from the disk cache or computed now."""
+    path = cache_path(cfg, reference, examples)
+    if path.exists():
+        cached = load_file(str(path))
+        log.info("reference log-probs for %s: cache hit %s", name, path.name)
+        return cached["chosen"], cached["rejected"]
+    chosen, rejected = [], []
+    bs = cfg.per_device_eval_batch_size
+    for start in tqdm(range(0, len(examples), bs), desc=f"reference log-probs ({name})", disable=disable_tqdm):
+        batch = {k: v.to(device) for k, v in collate(examples[start:start + bs]).items()}
+        c, r = reference.logps(batch)
+        chosen.append(c.cpu())
+        rejected.append(r.cpu())
+    out = {"chosen": torch.cat(chosen), "rejected": torch.cat(rejected)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    save_file(out, str(tmp))
+    os.replace(tmp, path)
+    return out["chosen"], out["rejected"]
