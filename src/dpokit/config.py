@@ -117,8 +117,10 @@ def load_config(path: str | Path | None, overrides: list[str] = (), **extra: Any
             loaded = yaml.safe_load(p.read_text())
         except OSError as e:
             raise DpokitError(f"{p}: cannot read config ({e.strerror})") from None
-        except yaml.YAMLError as e:
-            raise DpokitError(f"{p}: not valid YAML ({e})") from None
+        except yaml.YAMLError as e:  # its str() spans several lines; the CLI prints one
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise DpokitError(f"{p}: not valid YAML{where} ({getattr(e, 'problem', None) or e})") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise DpokitError(f"{p}: the config must be a mapping of keys to values")
         values.update(loaded or {})
