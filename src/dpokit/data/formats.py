@@ -11,6 +11,7 @@ Optional per-row `weight` (scales the pair's loss) and `margin` (the chosen must
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,7 +42,7 @@ def _is_messages(value: Any) -> bool:
 def _check_messages(key: str, value: list) -> None:
     for i, m in enumerate(value):
         if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise RowProblem(f"field {key!r}: message {i} needs string 'role' and 'content'")
+            raise RowProblem(f"field {key!r}: message {i} needs string 'role' and 'content', got {_short(m)}")
 
 
 def _field(row: dict, key: str) -> str | list[dict]:
@@ -57,37 +58,71 @@ def _field(row: dict, key: str) -> str | list[dict]:
             raise RowProblem(f"field {key!r} is an empty message list")
         _check_messages(key, value)
         return value
-    raise RowProblem(f"field {key!r} must be a string or a list of messages, got {type(value).__name__}")
+    raise RowProblem(f"field {key!r} must be a string or a list of {{role, content}} messages, "
+                     f"got {type(value).__name__} {_short(value)}")
 
 
 def _number(row: dict, key: str, default: float) -> float:
     value = row.get(key)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise RowProblem(f"field {key!r} must be a finite number, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise RowProblem(f"field {key!r} must be a finite number, got {_short(value)}")
     return float(value)
 
 
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def split_implicit_prompt(chosen: str | list[dict], rejected: str | list[dict]) -> tuple[Any, Any, Any]:
-    """Split two whole dialogues into (shared prompt, chosen reply, rejected reply)."""
+    """Split two whole dialogues into (shared prompt, chosen reply, rejected reply).
+
+    The prompt is each dialogue up to its last assistant turn, and the two must agree on it.
+    Strings are cut after the last "\n\nAssistant:" (so the replies keep their leading space,
+    as in Anthropic HH); message lists before the last assistant message, which must be the
+    dialogue's final message.
+    """
     if isinstance(chosen, list) and isinstance(rejected, list):
-        n = 0
-        while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
-            n += 1
-        if n == 0:
-            raise RowProblem("chosen and rejected share no leading messages, so there is no implicit prompt")
-        return chosen[:n], chosen[n:], rejected[n:]
+        (cp, c), (rp, r) = _last_assistant_message(chosen, "chosen"), _last_assistant_message(rejected, "rejected")
+        if cp != rp:
+            raise RowProblem("chosen and rejected differ before their last assistant message, so they share no prompt")
+        return cp, c, r
     if isinstance(chosen, str) and isinstance(rejected, str):
-        cut = chosen.rfind(ASSISTANT_MARKER)
-        if cut < 0:
-            raise RowProblem(f"no prompt: chosen has no {ASSISTANT_MARKER.strip()!r} turn and the row has no 'prompt' field")
-        cut += len(ASSISTANT_MARKER)
-        prompt = chosen[:cut]
-        if not rejected.startswith(prompt):
-            raise RowProblem("rejected does not continue the chosen dialogue's prompt (the two dialogues differ before the last assistant turn)")
-        return prompt, chosen[cut:], rejected[cut:]
+        (cp, c), (rp, r) = _last_assistant_turn(chosen, "chosen"), _last_assistant_turn(rejected, "rejected")
+        if cp != rp:
+            raise RowProblem("chosen and rejected differ before their last assistant turn, so they share no prompt")
+        return cp, c, r
     raise RowProblem("chosen and rejected must both be strings or both be message lists")
+
+
+def _last_assistant_turn(dialogue: str, key: str) -> tuple[str, str]:
+    cut = dialogue.rfind(ASSISTANT_MARKER)
+    if cut < 0:
+        raise RowProblem(f"no prompt: the row has no 'prompt' field and {key} has no {ASSISTANT_MARKER!r} turn "
+                         "to split an implicit prompt at")
+    cut += len(ASSISTANT_MARKER)
+    return dialogue[:cut], dialogue[cut:]
+
+
+def _last_assistant_message(dialogue: list[dict], key: str) -> tuple[list[dict], list[dict]]:
+    roles = [m["role"] for m in dialogue]
+    if "assistant" not in roles:
+        raise RowProblem(f"no prompt: the row has no 'prompt' field and {key} has no assistant message "
+                         "to split an implicit prompt at")
+    if roles[-1] != "assistant":
+        raise RowProblem(f"{key} ends with a {roles[-1]!r} message; an implicit-prompt dialogue ends with the "
+                         "assistant's reply")
+    if len(dialogue) == 1:
+        raise RowProblem(f"no prompt: {key} holds only the assistant's reply and the row has no 'prompt' field")
+    return dialogue[:-1], dialogue[-1:]
+
+
+def _blank(reply: str | list[dict]) -> bool:
+    if isinstance(reply, str):
+        return not reply.strip()
+    return all(not m["content"].strip() for m in reply)
 
 
 def row_to_pair(row: dict) -> Pair:
@@ -99,12 +134,11 @@ def row_to_pair(row: dict) -> Pair:
     kinds = {isinstance(x, list) for x in (prompt, chosen, rejected)}
     if len(kinds) != 1:
         raise RowProblem("prompt, chosen and rejected must all be strings or all be message lists")
+    for key, reply in (("chosen", chosen), ("rejected", rejected)):
+        if _blank(reply):
+            raise RowProblem(f"the {key} reply is empty")
     if chosen == rejected:
         raise RowProblem("chosen and rejected are identical")
-    if (isinstance(chosen, str) and not chosen.strip()) or (isinstance(chosen, list) and not chosen):
-        raise RowProblem("chosen reply is empty")
-    if (isinstance(rejected, str) and not rejected.strip()) or (isinstance(rejected, list) and not rejected):
-        raise RowProblem("rejected reply is empty")
     weight = _number(row, "weight", 1.0)
     if weight < 0:
         raise RowProblem(f"field 'weight' must be >= 0, got {weight}")

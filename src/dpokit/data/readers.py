@@ -1,73 +1,177 @@
 """Read preference rows from wherever users keep them.
 
-Every reader yields `(row_number, dict)` with 1-based row numbers, so a later problem can
-be reported as "file, row N". Supported: JSONL, JSON (a list of objects), Parquet, CSV, a
-folder written by `datasets.Dataset.save_to_disk`, and an in-memory `datasets.Dataset` or
-list of dicts.
+Supported: JSON Lines (.jsonl, .ndjson), JSON (.json: a list of rows, an object of columns,
+one row object, or JSON Lines under a .json name, which is what `Dataset.to_json` writes),
+Parquet, CSV, a folder written by `datasets.Dataset.save_to_disk`, and an in-memory
+`datasets.Dataset` / `DatasetDict` (its "train" split) or list of dicts.
+
+Row numbers are 1-based and mean what the user sees: the line in a JSON Lines file, the
+spreadsheet row in a CSV (the header is row 1, so the first record is row 2), the index + 1
+elsewhere.
+
+CSV has no lists, so a `prompt`/`chosen`/`rejected` cell holding a JSON array of
+`{role, content}` objects is read as a conversation (`json.dumps(messages)` writes one);
+any other cell stays text. Empty `weight`/`margin` cells mean "not given".
+
+Text must be UTF-8. Files are decoded with `surrogateescape` so that one bad byte becomes a
+problem of the row holding it (skippable) rather than of the whole file.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import sys
 from pathlib import Path
 from typing import Any, Iterator
 
 from ..errors import DataError, DpokitError
+from .formats import RowProblem
+
+SUFFIXES = (".jsonl", ".ndjson", ".json", ".parquet", ".csv")
+TEXT_FIELDS = ("prompt", "chosen", "rejected")
+NUMBER_FIELDS = ("weight", "margin")
 
 
 def describe(source: Any) -> str:
-    return str(source) if isinstance(source, (str, Path)) else type(source).__name__
+    return str(source) if isinstance(source, (str, Path)) else f"in-memory {type(source).__name__}"
 
 
 def read_rows(source: Any) -> Iterator[tuple[int, dict]]:
+    """`(row_number, row)` pairs; a row that cannot be read raises `DataError`."""
+    for number, row in iter_rows(source):
+        if isinstance(row, RowProblem):
+            raise DataError(describe(source), number, str(row))
+        yield number, row
+
+
+def iter_rows(source: Any) -> Iterator[tuple[int, dict | RowProblem]]:
+    """Like `read_rows`, but an unreadable row comes back as a `RowProblem` for the caller's policy.
+
+    Problems of the whole source (missing file, unknown format, broken JSON document) raise.
+    """
+    if source is None or (isinstance(source, str) and not source.strip()):
+        raise DpokitError("no data given: set train_data (and eval_data, if used) to a file or folder")
     if not isinstance(source, (str, Path)):
-        yield from _read_in_memory(source)
-        return
-    path = Path(source)
+        rows = _read_in_memory(source)
+    else:
+        rows = _read_path(Path(source))
+    for number, row in rows:
+        if isinstance(row, dict):
+            bad = _undecodable(row)
+            if bad:
+                row = RowProblem(bad)
+        yield number, row
+
+
+def _read_path(path: Path) -> Iterator[tuple[int, dict | RowProblem]]:
     if not path.exists():
         raise DpokitError(f"{path}: no such file or folder")
     if path.is_dir():
         yield from _read_saved_dataset(path)
         return
     suffix = path.suffix.lower()
-    readers = {".jsonl": _read_jsonl, ".json": _read_json, ".parquet": _read_parquet, ".csv": _read_csv}
+    readers = {".jsonl": _read_jsonl, ".ndjson": _read_jsonl, ".json": _read_json,
+               ".parquet": _read_parquet, ".csv": _read_csv}
     if suffix not in readers:
-        raise DpokitError(f"{path}: unknown data format {suffix!r} (use .jsonl, .json, .parquet, .csv or a saved datasets folder)")
+        raise DpokitError(f"{path}: unknown data format {suffix or '(no suffix)'!r} "
+                          f"(use {', '.join(SUFFIXES)} or a folder written by Dataset.save_to_disk)")
     try:
         yield from readers[suffix](path)
-    except (OSError, UnicodeDecodeError) as e:
-        raise DpokitError(f"{path}: cannot read file ({e})") from None
+    except OSError as e:
+        raise DpokitError(f"{path}: cannot read file ({e.strerror or e})") from None
 
 
-def _read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(str(path), number, f"not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(row, dict):
-                raise DataError(str(path), number, f"expected a JSON object, got {type(row).__name__}")
-            yield number, row
+def _open_text(path: Path, newline: str | None = None):
+    # utf-8-sig: a byte-order mark from a Windows editor is not part of the first key
+    return path.open(encoding="utf-8-sig", errors="surrogateescape", newline=newline)
 
 
-def _read_json(path: Path) -> Iterator[tuple[int, dict]]:
+def _undecodable(value: Any, key: str | None = None) -> str | None:
+    """A message if some text holds bytes that were not UTF-8 (decoded as lone surrogates)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            char = value[e.start]
+            what = f"byte 0x{ord(char) - 0xDC00:02x}" if 0xDC80 <= ord(char) <= 0xDCFF else f"character {char!r}"
+            where = f" in field {key!r}" if key else ""
+            return f"text{where} is not valid UTF-8 ({what} at character {e.start})"
+        return None
+    if isinstance(value, dict):
+        for k, v in value.items():
+            bad = _undecodable(v, key or (k if isinstance(k, str) else None))
+            if bad:
+                return bad
+    elif isinstance(value, list):
+        for v in value:
+            bad = _undecodable(v, key)
+            if bad:
+                return bad
+    return None
+
+
+def _json_row(text: str) -> dict | RowProblem:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        row = json.loads(text.rstrip())
     except json.JSONDecodeError as e:
-        raise DataError(str(path), None, f"not valid JSON ({e.msg} at line {e.lineno})") from None
-    if isinstance(data, dict) and all(isinstance(v, list) for v in data.values()):  # column-oriented
-        keys = list(data)
-        data = [dict(zip(keys, values)) for values in zip(*data.values())]
+        return RowProblem(f"not valid JSON ({e.msg} at column {e.colno})")
+    if not isinstance(row, dict):
+        return RowProblem(f"expected a JSON object, got {_json_type(row)}")
+    return row
+
+
+def _json_type(value: Any) -> str:
+    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null"}
+    return names.get(type(value), "a number")
+
+
+def _read_jsonl(path: Path) -> Iterator[tuple[int, dict | RowProblem]]:
+    with _open_text(path) as f:
+        for number, line in enumerate(f, start=1):
+            if line.strip():
+                yield number, _json_row(line)
+
+
+def _read_json(path: Path) -> Iterator[tuple[int, dict | RowProblem]]:
+    with _open_text(path) as f:
+        text = f.read()
+    if not text.strip():
+        return
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        if e.msg == "Extra data" and text.lstrip().startswith("{"):  # JSON Lines named .json
+            for number, line in enumerate(text.splitlines(), start=1):
+                if line.strip():
+                    yield number, _json_row(line)
+            return
+        raise DataError(str(path), None, f"not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+    if isinstance(data, dict):
+        data = _rows_of_object(path, data)
     if not isinstance(data, list):
-        raise DataError(str(path), None, "expected a list of objects (or an object of columns)")
+        raise DataError(str(path), None, f"expected a list of row objects, got {_json_type(data)}")
     for number, row in enumerate(data, start=1):
-        if not isinstance(row, dict):
-            raise DataError(str(path), number, f"expected an object, got {type(row).__name__}")
-        yield number, row
+        yield number, row if isinstance(row, dict) else RowProblem(f"expected an object, got {_json_type(row)}")
+
+
+def _is_messages(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(m, dict) and "role" in m for m in value)
+
+
+def _rows_of_object(path: Path, data: dict) -> list:
+    """One JSON object is a single row, or columns (lists, or pandas' {index: value} maps)."""
+    if "chosen" in data and (isinstance(data["chosen"], str) or _is_messages(data["chosen"])):
+        return [data]
+    columns = {k: list(v.values()) if isinstance(v, dict) else v for k, v in data.items()}
+    if not columns or not all(isinstance(v, list) for v in columns.values()):
+        raise DataError(str(path), None, "expected a list of row objects, an object of columns, or one row "
+                                         f"object with 'chosen' and 'rejected'; got an object with keys {sorted(data)}")
+    lengths = {k: len(v) for k, v in columns.items()}
+    if len(set(lengths.values())) > 1:
+        raise DataError(str(path), None, f"columns have different lengths: {lengths}")
+    keys = list(columns)
+    return [dict(zip(keys, values)) for values in zip(*columns.values())]
 
 
 def _read_parquet(path: Path) -> Iterator[tuple[int, dict]]:
@@ -75,44 +179,74 @@ def _read_parquet(path: Path) -> Iterator[tuple[int, dict]]:
 
     try:
         table = pq.read_table(path)
-    except Exception as e:  # pyarrow raises several types for a damaged file
-        raise DpokitError(f"{path}: cannot read Parquet ({e})") from None
-    for number, row in enumerate(table.to_pylist(), start=1):
-        yield number, row
+    except Exception as e:  # pyarrow raises several types for a damaged or foreign file
+        raise DpokitError(f"{path}: cannot read Parquet ({str(e).splitlines()[0]})") from None
+    yield from enumerate(table.to_pylist(), start=1)
 
 
-def _read_csv(path: Path) -> Iterator[tuple[int, dict]]:
-    with path.open(encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f)
-        for number, row in enumerate(reader, start=2):  # row 1 is the header
-            yield number, {k: _csv_value(k, v) for k, v in row.items()}
+def _read_csv(path: Path) -> Iterator[tuple[int, dict | RowProblem]]:
+    # the default 128 KiB cell limit is smaller than some long dialogues
+    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+    with _open_text(path, newline="") as f:  # the csv module handles line ends itself
+        reader = csv.reader(f)
+        try:
+            header = next(reader, None)
+            if header is None:
+                return
+            missing = [k for k in ("chosen", "rejected") if k not in header]
+            if missing:
+                raise DataError(str(path), 1, f"the header has no {' or '.join(map(repr, missing))} column "
+                                              f"(columns: {', '.join(header)})")
+            for number, cells in enumerate(reader, start=2):
+                if not any(c.strip() for c in cells):
+                    continue
+                if len(cells) != len(header):
+                    yield number, RowProblem(f"has {len(cells)} fields, the header has {len(header)}")
+                    continue
+                yield number, {k: _csv_value(k, v) for k, v in zip(header, cells)}
+        except csv.Error as e:
+            raise DataError(str(path), reader.line_num, f"not valid CSV ({e})") from None
 
 
-def _csv_value(key: str, value: str | None) -> Any:
-    if key in ("weight", "margin") and value not in (None, ""):
+def _csv_value(key: str, value: str) -> Any:
+    if key in NUMBER_FIELDS:
+        if not value.strip():
+            return None
         try:
             return float(value)
         except ValueError:
+            return value  # reported as a wrong type when the row is read
+    if key in TEXT_FIELDS and value.lstrip().startswith("["):
+        try:
+            decoded = json.loads(value)
+        except json.JSONDecodeError:
             return value
+        if _is_messages(decoded):
+            return decoded
     return value
 
 
-def _read_saved_dataset(path: Path) -> Iterator[tuple[int, dict]]:
+def _read_saved_dataset(path: Path) -> Iterator[tuple[int, dict | RowProblem]]:
     import datasets
 
     try:
         ds = datasets.load_from_disk(str(path))
     except Exception as e:  # datasets raises FileNotFoundError or its own types
-        raise DpokitError(f"{path}: not a saved datasets folder ({e})") from None
-    if isinstance(ds, datasets.DatasetDict):
-        if "train" not in ds:
-            raise DpokitError(f"{path}: a DatasetDict without a 'train' split; point at one split's folder")
-        ds = ds["train"]
-    yield from _read_in_memory(ds)
+        raise DpokitError(f"{path}: a folder, but not one written by Dataset.save_to_disk "
+                          f"({str(e).splitlines()[0]})") from None
+    yield from _read_in_memory(ds, str(path))
 
 
-def _read_in_memory(data: Any) -> Iterator[tuple[int, dict]]:
+def _read_in_memory(data: Any, name: str | None = None) -> Iterator[tuple[int, dict | RowProblem]]:
+    import datasets
+
+    name = name or describe(data)
+    if isinstance(data, (datasets.DatasetDict, datasets.IterableDatasetDict)):
+        if "train" not in data:
+            raise DpokitError(f"{name}: a DatasetDict with splits {sorted(data)} and no 'train'; pass one split")
+        data = data["train"]
+    if isinstance(data, (dict, str, bytes)) or not hasattr(data, "__iter__"):
+        raise DpokitError(f"{name}: expected a file path, a datasets.Dataset or a list of row dicts, "
+                          f"got {type(data).__name__}")
     for number, row in enumerate(data, start=1):
-        if not isinstance(row, dict):
-            raise DataError(describe(data), number, f"expected a mapping, got {type(row).__name__}")
-        yield number, row
+        yield number, row if isinstance(row, dict) else RowProblem(f"expected a mapping, got {type(row).__name__}")

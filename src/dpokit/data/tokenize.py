@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..errors import DpokitError
 from .formats import Pair, RowProblem
 
 
@@ -33,9 +34,16 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 
 def _chat_ids(tokenizer, messages: list[dict], **kwargs) -> list[int]:
+    from jinja2.exceptions import TemplateError
+
     if tokenizer.chat_template is None:
-        raise RowProblem("conversational row, but the tokenizer has no chat template")
-    out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, **kwargs)
+        # the tokenizer, not the row, is at fault: stop even when bad rows are skipped
+        raise DpokitError("conversational data (lists of {role, content} messages) needs a tokenizer with a "
+                          "chat template, and this one has none")
+    try:
+        out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, **kwargs)
+    except TemplateError as e:  # templates raise on what they do not accept, e.g. roles that do not alternate
+        raise RowProblem(f"the chat template rejects these messages: {e}") from None
     return list(out["input_ids"])
 
 
@@ -53,12 +61,15 @@ def tokenize_pair(pair: Pair, tokenizer, max_length: int | None, max_prompt_leng
         full_rejected = tokenizer(pair.prompt + rejected)["input_ids"]
     n = min(_common_prefix(prompt_ids, full_chosen), _common_prefix(prompt_ids, full_rejected))
     prompt_ids, chosen_ids, rejected_ids = prompt_ids[:n], full_chosen[n:], full_rejected[n:]
+    if not prompt_ids:
+        # the last prompt token is what predicts each completion's first token
+        raise RowProblem("the prompt has no tokens of its own (it merges with the start of the completion)")
     if not chosen_ids or not rejected_ids:
         raise RowProblem("a completion is empty after tokenization")
     if chosen_ids == rejected_ids:
         raise RowProblem("chosen and rejected tokenize identically")
     if max_prompt_length is not None and len(prompt_ids) > max_prompt_length:
-        prompt_ids = prompt_ids[-max_prompt_length:]
+        prompt_ids = prompt_ids[len(prompt_ids) - max_prompt_length:]
     if max_length is not None:
         room = max_length - len(prompt_ids)
         if room < 1:
