@@ -25,7 +25,9 @@ class TrainConfig:
     loss_type: str | list[str] = "sigmoid"
     loss_weights: list[float] | None = None
     label_smoothing: float = 0.0
-    reference_free: bool = False
+    reference_free: bool = False  # set automatically when every loss is reference-free (simpo, orpo, sft)
+    simpo_gamma: float = 0.5  # SimPO target reward margin (TRL CPOConfig name)
+    rpo_alpha: float | None = None  # RPO: adds rpo_alpha x NLL of the chosen reply (TRL's former DPOConfig name)
     # --- optimisation (TRL / transformers names) ---
     learning_rate: float = 1e-6
     lr_scheduler_type: str = "linear"
@@ -81,6 +83,10 @@ class TrainConfig:
             self.loss_type = [s.strip() for s in self.loss_type.split(",")]
         if isinstance(self.report_to, str):
             self.report_to = [s.strip() for s in self.report_to.split(",") if s.strip()]
+        from .objectives import is_reference_free
+
+        if is_reference_free(self.loss_types):
+            self.reference_free = True  # no reference model is loaded or scored
         if self.on_bad_row not in ("error", "skip"):
             raise DpokitError(f"on_bad_row must be 'error' or 'skip', got {self.on_bad_row!r}")
         if self.beta <= 0:

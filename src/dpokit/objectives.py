@@ -4,10 +4,17 @@ Every loss reads a `Terms` (per-example policy and reference log-likelihoods, le
 margins) and returns a per-example loss of shape [batch]. `objective` combines the chosen
 losses with their weights, applies per-pair weights, and computes the metrics under TRL's
 names. Adding a loss is one function with `@register("name")`.
+
+Notation in the docstrings: Δ_w = log π(y_w|x) − log π_ref(y_w|x) (chosen log-ratio), Δ_l
+the same for the rejected reply, |y| the reply's length in tokens, m the pair's margin, σ
+the logistic function. Log-likelihoods are sums over the reply unless a loss says
+"per token", which divides by |y|.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -35,34 +42,87 @@ class Terms:
     def rejected_logratios(self) -> torch.Tensor:
         return self.policy_rejected - self.ref_rejected
 
+    @property
+    def chosen_avg(self) -> torch.Tensor:
+        """Per-token log-likelihood of the chosen reply under the policy."""
+        return self.policy_chosen / self.chosen_len.clamp(min=1)
+
+    @property
+    def rejected_avg(self) -> torch.Tensor:
+        return self.policy_rejected / self.rejected_len.clamp(min=1)
+
 
 @dataclass
 class ObjectiveConfig:
     beta: float = 0.1
     label_smoothing: float = 0.0
+    simpo_gamma: float = 0.5  # SimPO target reward margin γ (TRL CPOConfig name)
+    rpo_alpha: float | None = None  # RPO: adds α × NLL of the chosen reply to any loss (TRL's former DPOConfig name)
+
+    def __post_init__(self):
+        if self.rpo_alpha is not None and self.rpo_alpha < 0:
+            raise DpokitError(f"rpo_alpha must be >= 0, got {self.rpo_alpha}")
+
+    @classmethod
+    def from_config(cls, cfg) -> "ObjectiveConfig":
+        """The objective's keys, read by name from a TrainConfig (or anything with those attributes)."""
+        return cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls) if hasattr(cfg, f.name)})
 
 
 LossFn = Callable[[Terms, ObjectiveConfig], torch.Tensor]
 LOSSES: dict[str, LossFn] = {}
+REFERENCE_FREE: set[str] = set()  # losses that never read the reference log-likelihoods
+NO_MARGIN: set[str] = set()  # pairwise losses with no place for a per-pair margin
 
 
-def register(name: str):
+def register(name: str, reference_free: bool = False, margin: bool = True):
     def wrap(fn: LossFn) -> LossFn:
         LOSSES[name] = fn
+        if reference_free:
+            REFERENCE_FREE.add(name)
+        if not margin:
+            NO_MARGIN.add(name)
         return fn
     return wrap
+
+
+def is_reference_free(loss_types: list[str]) -> bool:
+    """True when none of the losses reads a reference model (SimPO, ORPO, SFT alone or combined)."""
+    return bool(loss_types) and all(name in REFERENCE_FREE for name in loss_types)
 
 
 def _dpo_logits(t: Terms, c: ObjectiveConfig) -> torch.Tensor:
     return c.beta * (t.chosen_logratios - t.rejected_logratios) - t.margin
 
 
+def _smoothed(z: torch.Tensor, eps: float) -> torch.Tensor:
+    return -(1 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z)
+
+
+def _nll(t: Terms) -> torch.Tensor:
+    """Per-example share of the chosen replies' token-mean NLL over the batch.
+
+    The mean of these values over the batch is −Σ_i log π(y_w,i|x_i) / Σ_i |y_w,i|: the
+    cross-entropy over every chosen token of the batch, as TRL computes its NLL terms
+    (DPO `sft` and RPO, CPO, ORPO). Long replies weigh more than in a per-sequence mean.
+    """
+    return -t.policy_chosen / t.chosen_len.float().mean().clamp(min=1)
+
+
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 − exp(x)) for x < 0, accurate at both ends (Mächler 2012)."""
+    return torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+# ---------------------------------------------------------------- losses with a reference
+
+
 @register("sigmoid")
 def sigmoid_loss(t: Terms, c: ObjectiveConfig) -> torch.Tensor:
-    """DPO (Rafailov et al. 2023). With label_smoothing ε > 0 this is conservative DPO (cDPO):
-    the label is trusted with probability 1 − ε."""
-    z = _dpo_logits(t, c)
-    return -(1 - c.label_smoothing) * F.logsigmoid(z) - c.label_smoothing * F.logsigmoid(-z)
+    """DPO (Rafailov et al. 2023): −log σ(β(Δ_w − Δ_l) − m). With label_smoothing ε > 0 this is
+    conservative DPO (cDPO): the label is trusted with probability 1 − ε. A margin m makes it
+    ODPO (Amini et al. 2024): the chosen reply must win by m."""
+    return _smoothed(_dpo_logits(t, c), c.label_smoothing)
 
 
 @register("robust")
@@ -75,7 +135,7 @@ def robust_loss(t: Terms, c: ObjectiveConfig) -> torch.Tensor:
 
 @register("hinge")
 def hinge_loss(t: Terms, c: ObjectiveConfig) -> torch.Tensor:
-    """SLiC-HF calibration loss (Zhao et al. 2023)."""
+    """SLiC-HF calibration loss (Zhao et al. 2023): max(0, 1 − (β(Δ_w − Δ_l) − m))."""
     return torch.relu(1 - _dpo_logits(t, c))
 
 
@@ -86,27 +146,162 @@ def ipo_loss(t: Terms, c: ObjectiveConfig) -> torch.Tensor:
     return (delta - t.margin - 1 / (2 * c.beta)) ** 2
 
 
+@register("exo_pair")
+def exo_pair_loss(t: Terms, c: ObjectiveConfig) -> torch.Tensor:
+    """EXO (Ji et al. 2024, eq. 16, K = 2): KL(p_θ ‖ p_label) with p_θ = softmax over the pair of
+    β·Δ and p_label = (1 − ε, ε), ε = label_smoothing > 0. With z = β(Δ_w − Δ_l) − m:
+    σ(z)(log σ(z) − log(1 − ε)) + σ(−z)(log σ(−z) − log ε)."""
+    z = _dpo_logits(t, c)
+    eps = c.label_smoothing
+    return (torch.sigmoid(z) * (F.logsigmoid(z) - math.log1p(-eps))
+            + torch.sigmoid(-z) * (F.logsigmoid(-z) - math.log(eps)))
+
+
+@register("nca_pair", margin=False)
+def nca_pair_loss(t: Terms, c: ObjectiveConfig) -> torch.Tensor:
+    """NCA (Chen et al. 2024, pairwise): −log σ(βΔ_w) − ½ log σ(−βΔ_w) − ½ log σ(−βΔ_l).
+    Each reply's reward is judged on its own, so the chosen reply's likelihood is pushed up."""
+    rw, rl = c.beta * t.chosen_logratios, c.beta * t.rejected_logratios
+    return -F.logsigmoid(rw) - 0.5 * F.logsigmoid(-rw) - 0.5 * F.logsigmoid(-rl)
+
+
+@register("bco_pair", margin=False)
+def bco_pair_loss(t: Terms, c: ObjectiveConfig) -> torch.Tensor:
+    """BCO (Jung et al. 2024), paired form as TRL's `bco_pair`: a binary classifier whose logit is
+    the implicit reward, chosen labelled 1 and rejected 0: −log σ(βΔ_w) − log σ(−βΔ_l). (The
+    paper's running reward shift δ is left out, as in TRL's DPOTrainer.)"""
+    return -F.logsigmoid(c.beta * t.chosen_logratios) - F.logsigmoid(-c.beta * t.rejected_logratios)
+
+
+@register("apo_zero", margin=False)
+def apo_zero_loss(t: Terms, c: ObjectiveConfig) -> torch.Tensor:
+    """APO-zero (D'Oosterlinck et al. 2024, eq. 7): 1 − σ(βΔ_w) + σ(βΔ_l). Raises the chosen
+    likelihood and lowers the rejected: for chosen replies better than the model's own."""
+    return 1 - torch.sigmoid(c.beta * t.chosen_logratios) + torch.sigmoid(c.beta * t.rejected_logratios)
+
+
+@register("apo_down", margin=False)
+def apo_down_loss(t: Terms, c: ObjectiveConfig) -> torch.Tensor:
+    """APO-down (eq. 8): σ(βΔ_w) + 1 − σ(β(Δ_w − Δ_l)). Lowers both, the rejected more: for
+    chosen replies worse than the model's own."""
+    return torch.sigmoid(c.beta * t.chosen_logratios) + 1 - torch.sigmoid(
+        c.beta * (t.chosen_logratios - t.rejected_logratios))
+
+
+# ---------------------------------------------------------------- reference-free losses
+
+
+@register("sft", reference_free=True, margin=False)
+def sft_loss(t: Terms, c: ObjectiveConfig) -> torch.Tensor:
+    """NLL of the chosen replies, per token over the batch (TRL DPO's `sft`). Combined with DPO
+    (`loss_type: [sigmoid, sft]`, `loss_weights: [1, α]`) it is RPO; `rpo_alpha` is shorthand."""
+    return _nll(t)
+
+
+@register("simpo", reference_free=True)
+def simpo_loss(t: Terms, c: ObjectiveConfig) -> torch.Tensor:
+    """SimPO (Meng et al. 2024, eq. 6), reference-free: −log σ(β·(log π(y_w|x)/|y_w| −
+    log π(y_l|x)/|y_l|) − γ − m), γ = simpo_gamma; label_smoothing as in TRL's CPOTrainer."""
+    z = c.beta * (t.chosen_avg - t.rejected_avg) - c.simpo_gamma - t.margin
+    return _smoothed(z, c.label_smoothing)
+
+
+@register("orpo", reference_free=True, margin=False)
+def orpo_loss(t: Terms, c: ObjectiveConfig) -> torch.Tensor:
+    """ORPO (Hong et al. 2024, eqs. 6–7): NLL(y_w) − λ log σ(log odds(y_w) − log odds(y_l)),
+    odds(y) = P/(1 − P) with P = exp of the per-token log-likelihood; λ = beta (TRL ORPOConfig).
+    The NLL is per token over the batch's chosen replies: the authors' `disable_prompt_loss`
+    variant. TRL's ORPOTrainer (like the authors' default) also counts the prompt tokens."""
+    log_odds = (t.chosen_avg - t.rejected_avg) - (_log1mexp(t.chosen_avg) - _log1mexp(t.rejected_avg))
+    return _nll(t) - c.beta * F.logsigmoid(log_odds)
+
+
+# ---------------------------------------------------------------- instruction hierarchy (GW-DPO)
+
+# Instruction sources from least to most trusted; level k is HIERARCHY[k - 1].
+HIERARCHY = ("data", "tool", "user", "system", "platform")
+GW_SCHEDULES = ("linear", "bilateral")
+
+
+def hierarchy_level(value, levels: int = len(HIERARCHY)) -> int:
+    """A source's trust level, 1 (least) … `levels` (most): an integer, or a name from HIERARCHY."""
+    if isinstance(value, str) and value.strip().lower() in HIERARCHY:
+        return HIERARCHY.index(value.strip().lower()) + 1
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= levels:
+        raise ValueError(f"a level must be an integer in 1..{levels} or one of {', '.join(HIERARCHY)}; got {value!r}")
+    return value
+
+
+def gw_margin(privileged, conflicting, schedule: str = "linear", scale: float = 1.0,
+              levels: int = len(HIERARCHY)) -> float:
+    """Per-pair offset for gravity-weighted DPO (GW-DPO, Bolliger & Jäger 2026, arXiv 2606.10860).
+
+    A pair comes from a conflict between two instruction sources: the chosen reply obeys the
+    `privileged` source (the victim an injection tries to override), the rejected reply obeys
+    the `conflicting`, less trusted one. The paper scales DPO's per-sample offset with the
+    structural distance between the levels, under a linear schedule or a bilateral one that
+    also weighs the privilege of the victim level. dpokit's explicit reading, with
+    gap = privileged − conflicting ≥ 1 and K = `levels`:
+
+        linear:     m = scale · gap
+        bilateral:  m = scale · gap · privileged / K
+
+    so the bilateral offset equals the linear one when the top level is the victim and
+    shrinks for humbler victims. m is in reward units, the ODPO offset of the `sigmoid` loss:
+    −log σ(β(Δ_w − Δ_l) − m). Not checked against the paper's own equations.
+    """
+    p, q = hierarchy_level(privileged, levels), hierarchy_level(conflicting, levels)
+    if p <= q:
+        raise ValueError(f"the privileged level ({p}) must be above the conflicting level ({q})")
+    if schedule == "linear":
+        return scale * (p - q)
+    if schedule == "bilateral":
+        return scale * (p - q) * p / levels
+    raise ValueError(f"unknown GW-DPO schedule {schedule!r}; known: {', '.join(GW_SCHEDULES)}")
+
+
+# ---------------------------------------------------------------- combining
+
+
 def check_losses(loss_types: list[str], loss_weights: list[float] | None, label_smoothing: float) -> None:
     unknown = [name for name in loss_types if name not in LOSSES]
     if unknown:
         raise DpokitError(f"unknown loss_type {unknown[0]!r}; known: {', '.join(sorted(LOSSES))}")
+    if not loss_types:
+        raise DpokitError("loss_type is empty")
     if loss_weights is not None and len(loss_weights) != len(loss_types):
         raise DpokitError(f"loss_weights has {len(loss_weights)} entries for {len(loss_types)} loss types")
     if "robust" in loss_types and not 0 <= label_smoothing < 0.5:
         raise DpokitError(f"robust DPO needs 0 <= label_smoothing < 0.5, got {label_smoothing}")
+    if "exo_pair" in loss_types and not 0 < label_smoothing < 1:
+        raise DpokitError(f"exo_pair needs 0 < label_smoothing < 1 (the paper uses 1e-3), got {label_smoothing}")
     if not 0 <= label_smoothing <= 1:
         raise DpokitError(f"label_smoothing must lie in [0, 1], got {label_smoothing}")
 
 
 def objective(terms: Terms, weight: torch.Tensor, loss_types: list[str], loss_weights: list[float] | None,
               config: ObjectiveConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Scalar loss and per-example metrics (each [batch], detached) under TRL's names."""
+    """Scalar loss and per-example metrics (each [batch], detached) under TRL's names.
+
+    loss = mean_i weight_i · (Σ_k w_k · L_k(i) + rpo_alpha · NLL_i).
+    """
     loss_weights = loss_weights or [1.0] * len(loss_types)
+    ignoring = [name for name in loss_types if name in NO_MARGIN and name != "sft"]
+    if ignoring and bool((terms.margin != 0).any()):
+        raise DpokitError(f"loss_type {ignoring[0]!r} has no per-pair margin, but the data sets 'margin'; drop the "
+                          f"margins or use one of {', '.join(sorted(set(LOSSES) - NO_MARGIN))}")
     per_example = sum(w * LOSSES[name](terms, config) for name, w in zip(loss_types, loss_weights))
+    if config.rpo_alpha:
+        per_example = per_example + config.rpo_alpha * _nll(terms)
     loss = (weight * per_example).mean()
     with torch.no_grad():
-        chosen_rewards = config.beta * terms.chosen_logratios.detach()
-        rejected_rewards = config.beta * terms.rejected_logratios.detach()
+        if is_reference_free(loss_types):
+            # No reference: rewards are the policy's own per-token log-likelihoods, as TRL's CPO and ORPO log them.
+            chosen_rewards = config.beta * terms.chosen_avg.detach()
+            rejected_rewards = config.beta * terms.rejected_avg.detach()
+        else:
+            chosen_rewards = config.beta * terms.chosen_logratios.detach()
+            rejected_rewards = config.beta * terms.rejected_logratios.detach()
         metrics = {
             "loss": (weight * per_example).detach(),
             "rewards/chosen": chosen_rewards,
@@ -116,4 +311,6 @@ def objective(terms: Terms, weight: torch.Tensor, loss_types: list[str], loss_we
             "logps/chosen": terms.policy_chosen.detach(),
             "logps/rejected": terms.policy_rejected.detach(),
         }
+        if config.rpo_alpha or any(name in ("sft", "orpo") for name in loss_types):
+            metrics["nll_loss"] = _nll(terms).detach()
     return loss, metrics
