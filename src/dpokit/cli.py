@@ -25,7 +25,25 @@ def _demo(args) -> None:
     run_demo(output_dir=args.output_dir, seed=args.seed, quick=args.quick)
 
 
-COMMANDS = {"train": _train, "demo": _demo}
+def _tiny_model(args) -> None:
+    from .data import read_rows
+    from .tiny import build_llama, build_tokenizer
+
+    texts = []
+    for _, row in read_rows(args.data):
+        texts += [v if isinstance(v, str) else " ".join(m.get("content", "") for m in v)
+                  for k, v in row.items() if k in ("prompt", "chosen", "rejected") and isinstance(v, (str, list))]
+    tokenizer = build_tokenizer(texts, vocab_size=args.vocab_size)
+    model = build_llama(tokenizer, hidden_size=args.hidden_size, num_layers=args.layers,
+                        intermediate_size=args.intermediate_size, num_heads=args.heads)
+    model.save_pretrained(args.output_dir)
+    tokenizer.save_pretrained(args.output_dir)
+    n = sum(p.numel() for p in model.parameters())
+    print(f"wrote a {n / 1e6:.1f}M-parameter Llama (random weights) and a {len(tokenizer)}-token BPE tokenizer "
+          f"to {args.output_dir}")
+
+
+COMMANDS = {"train": _train, "demo": _demo, "tiny-model": _tiny_model}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,6 +56,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default="runs/demo")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="a smaller run, for smoke tests")
+    p = sub.add_parser("tiny-model", help="a small random-init Llama + BPE tokenizer trained on a data file, "
+                                          "for trying dpokit with no downloads")
+    p.add_argument("data", help="a preference data file; the tokenizer is trained on its text")
+    p.add_argument("output_dir")
+    p.add_argument("--vocab-size", type=int, default=8000)
+    p.add_argument("--hidden-size", type=int, default=256)
+    p.add_argument("--intermediate-size", type=int, default=688)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=4)
     return parser
 
 
