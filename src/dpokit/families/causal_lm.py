@@ -164,8 +164,22 @@ def _block_mask(block_id: torch.Tensor, part: torch.Tensor, attn_implementation:
 # ---------------------------------------------------------------- scoring
 
 
-def _token_logps(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, softcap: float | None):
+def _logit_scale(config) -> float:
+    """The factor some models apply to the LM head's output in their own forward (Cohere, Granite,
+    Falcon-H1, MiniCPM3, ...), which a scorer calling the head directly must apply too (as TRL does)."""
+    for key in ("logit_scale", "output_multiplier", "lm_head_multiplier"):
+        if getattr(config, key, None) is not None:
+            return float(getattr(config, key))
+    scaling = getattr(config, "logits_scaling", None)
+    if scaling is not None:
+        return float(scaling) if config.model_type == "hyperclovax" else 1 / scaling
+    return 1.0
+
+
+def _token_logps(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, scale: float, softcap: float | None):
     logits = head(hidden).float()
+    if scale != 1.0:
+        logits = logits * scale
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
     logp = logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
@@ -182,10 +196,11 @@ class CausalLMScorer(nn.Module):
 
     def _parts(self):
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-        return base.get_decoder(), base.get_output_embeddings(), getattr(base.config, "final_logit_softcapping", None)
+        return (base.get_decoder(), base.get_output_embeddings(), _logit_scale(base.config),
+                getattr(base.config, "final_logit_softcapping", None))
 
     def forward(self, batch: dict[str, torch.Tensor]) -> LogpTerms:
-        decoder, head, softcap = self._parts()
+        decoder, head, scale, softcap = self._parts()
         hidden = decoder(
             input_ids=batch["input_ids"], position_ids=batch["position_ids"],
             attention_mask=batch["attention_mask"], use_cache=False,
@@ -194,12 +209,12 @@ class CausalLMScorer(nn.Module):
         targets = batch["target_ids"]
         n = targets.shape[0]
         if n <= self.chunk_size:
-            logp, mean_logit = _token_logps(head, hidden, targets, softcap)
+            logp, mean_logit = _token_logps(head, hidden, targets, scale, softcap)
         else:
             # Recompute each chunk's logits in backward, so peak memory follows the chunk, not tokens x vocab.
             pieces = [
                 checkpoint(_token_logps, head, hidden[s:s + self.chunk_size], targets[s:s + self.chunk_size],
-                           softcap, use_reentrant=False)
+                           scale, softcap, use_reentrant=False)
                 for s in range(0, n, self.chunk_size)
             ]
             logp = torch.cat([p[0] for p in pieces])
