@@ -120,9 +120,11 @@ def load_config(path: str | Path | None, overrides: list[str] = (), **extra: Any
     if path is not None:
         p = Path(path)
         try:
-            loaded = yaml.safe_load(p.read_text())
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
         except OSError as e:
             raise DpokitError(f"{p}: cannot read config ({e.strerror})") from None
+        except UnicodeDecodeError as e:
+            raise DpokitError(f"{p}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})") from None
         except yaml.YAMLError as e:  # its str() spans several lines; the CLI prints one
             mark = getattr(e, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
