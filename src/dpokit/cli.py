@@ -43,7 +43,53 @@ def _tiny_model(args) -> None:
           f"to {args.output_dir}")
 
 
-COMMANDS = {"train": _train, "demo": _demo, "tiny-model": _tiny_model}
+def _eval(args) -> None:
+    import json
+
+    from .evaluate import format_results, run_eval
+
+    result = run_eval(args.model, args.data, args.prompts, ref_model=args.ref_model, beta=args.beta,
+                      batch_size=args.batch_size, judge=args.judge, num_prompts=args.num_prompts,
+                      max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                      seed=args.seed, embeddings=not args.no_embeddings, samples_out=args.samples_out,
+                      overrides=args.set or [])
+    print(json.dumps(result, indent=2) if args.json else format_results(result))
+
+
+def _score(args) -> None:
+    import json
+
+    from .evaluate import load_models, score_responses
+
+    models = load_models(args.model, args.ref_model, args.beta, args.set or [])
+    rows = score_responses(models, args.data, args.batch_size)
+    if args.output:
+        with open(args.output, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    if args.json:
+        print(json.dumps({"model": str(args.model), "reference": models.reference_name, "beta": models.cfg.beta,
+                          "rows": rows}, indent=2))
+        return
+    for r in rows:
+        print(f"row {r['row']}\t{r['reward']:.6g}")
+    print(f"mean reward {sum(r['reward'] for r in rows) / len(rows):.6g} over {len(rows)} rows "
+          f"(beta={models.cfg.beta}, reference: {models.reference_name})")
+
+
+def _report(args) -> None:
+    from .report import write_report
+
+    print(f"wrote {write_report(args.output_dir)}")
+
+
+def _data(args) -> None:
+    from .recipes.cli import run
+
+    run(args)
+
+
+COMMANDS = {"train": _train, "demo": _demo, "tiny-model": _tiny_model, "eval": _eval, "score": _score,
+            "report": _report, "data": _data}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,6 +111,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--intermediate-size", type=int, default=688)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
+    p = sub.add_parser("eval", help="preference accuracy and implicit-reward margin against the reference (--data); "
+                                    "samples, judge, KL, diversity and drift on held-out prompts (--prompts)")
+    p.add_argument("model", help="a dpokit run dir, a LoRA adapter dir or a model dir")
+    p.add_argument("--data", help="preference file (prompt/chosen/rejected rows)")
+    p.add_argument("--prompts", help="held-out prompts (rows with 'prompt', or preference rows) for sample-based eval")
+    p.add_argument("--judge", help="judge for --prompts: a YAML/JSON file or an inline mapping, e.g. "
+                                   "'{type: llm, base_url: \"http://127.0.0.1:8000/v1\", model: judge}'")
+    p.add_argument("--num-prompts", type=int, help="use the first N prompts")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=1.0, help="1.0 (default) makes the KL estimate unbiased")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-embeddings", action="store_true", help="skip the embedding-drift metrics")
+    p.add_argument("--samples-out", help="write each prompt's two replies, log-probs and scores here (JSON Lines)")
+    p = sub.add_parser("score", help="score (prompt, response) rows with the policy's implicit reward "
+                                     "beta * log(pi / pi_ref)")
+    p.add_argument("model", help="a dpokit run dir, a LoRA adapter dir or a model dir")
+    p.add_argument("--data", required=True, help="rows with 'prompt' and 'completion' (or 'response')")
+    p.add_argument("--output", help="also write the scored rows here (JSON Lines)")
+    for p in (sub.choices["eval"], sub.choices["score"]):
+        p.add_argument("--ref-model", help="the reference (default: from the run's config.yaml, or the adapter's base)")
+        p.add_argument("--beta", type=float, help="beta of the implicit reward (default: the run's)")
+        p.add_argument("--batch-size", type=int)
+        p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. max_length=512")
+        p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p = sub.add_parser("report", help="(re)write report.html in a run's output dir from its metrics.jsonl")
+    p.add_argument("output_dir")
+    from .recipes.cli import register as register_data
+
+    register_data(sub)  # dpokit data build|validate|asr
     return parser
 
 

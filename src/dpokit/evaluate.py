@@ -1,0 +1,284 @@
+"""Evaluating a trained policy against its reference.
+
+- `preference_eval`: on a preference file, the training objective's own metrics with the
+  reference scored live: loss, reward accuracy (the share of pairs whose implicit reward
+  ranks the chosen reply above the rejected one), mean reward margin, rewards, log-probs.
+- `score_responses`: the DPO model as a reward model. A (prompt, response) row gets
+  r(x, y) = β·(log π(y|x) − log π_ref(y|x)), the implicit reward DPO trains (Rafailov et al.
+  2023, eq. 5, without the prompt-only term β·log Z(x), which cancels between replies to the
+  same prompt). Reference-free runs (SimPO, ORPO) get their own reward, β·log π(y|x)/|y|.
+- `sample_eval` (in `sample_eval.py`): generate from policy and reference and compare.
+
+`load_models` finds a policy and its reference: from a dpokit run dir (its config.yaml
+names the starting model, reference and β), a LoRA adapter dir (the reference is the base
+with adapters off), or any model dir with an explicit reference.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .config import TrainConfig, load_config
+from .data import Example, Pair, RowProblem, read_rows, split_implicit_prompt, tokenize_pair
+from .errors import DataError, DpokitError
+from .families import get_family
+from .objectives import ObjectiveConfig, Terms, objective
+from .reference import Reference
+
+log = logging.getLogger("dpokit")
+
+
+@dataclass
+class Models:
+    """A policy, its reference and what scores them."""
+
+    cfg: TrainConfig
+    family: Any
+    tokenizer: Any
+    policy: nn.Module
+    reference: nn.Module | None  # a separate model; None: adapters off (adapter_off) or reference-free
+    adapter_off: bool
+    device: torch.device
+    reference_name: str
+
+    def policy_scorer(self):
+        return self.family.scorer(self.policy, self.cfg)
+
+    def reference_scorer(self) -> Reference:
+        if self.adapter_off:
+            return Reference(self.family.scorer(self.policy, self.cfg), adapter_off=True)
+        return Reference(None if self.reference is None else self.family.scorer(self.reference, self.cfg))
+
+    def batches(self, examples: list, batch_size: int | None, desc: str, progress: bool = True):
+        bs = batch_size or self.cfg.per_device_eval_batch_size
+        for start in tqdm(range(0, len(examples), bs), desc=desc, disable=not progress):
+            chunk = examples[start:start + bs]
+            yield chunk, {k: v.to(self.device) for k, v in self.family.collate(chunk, self.cfg, self.tokenizer).items()}
+
+
+def load_models(model: str | Path, ref_model: str | None = None, beta: float | None = None,
+                overrides: list[str] = (), device: str | None = None) -> Models:
+    """The policy at `model` and its reference.
+
+    The reference is, in order: `ref_model` if given; the run's `ref_model`; for a LoRA
+    adapter, its base model with the adapters switched off; for a reference-free run, none;
+    for a dpokit run dir, the run's starting model (`model` in its config.yaml). A plain
+    model dir with none of these is an error. β and the other settings come from the run's
+    config.yaml when there is one, then from `beta` and `key=value` overrides.
+    """
+    from .families.causal_lm import load_tokenizer
+
+    path = Path(model)
+    if not path.exists():
+        raise DpokitError(f"{path}: no such model directory")
+    run_config = path / "config.yaml"
+    from_run = run_config.is_file()
+    extra = {} if beta is None else {"beta": beta}
+    cfg = load_config(run_config, overrides, **extra) if from_run else load_config(None, overrides, model=str(path),
+                                                                                    **extra)
+    if not from_run and beta is None:
+        log.warning("%s has no dpokit config.yaml: using beta=%s (set it with --beta)", path, cfg.beta)
+    family = get_family(cfg.family)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    adapter_file = path / "adapter_config.json"
+    if adapter_file.is_file():
+        from peft import PeftModel
+
+        base = cfg.model if from_run else json.loads(adapter_file.read_text()).get("base_model_name_or_path")
+        if not base:
+            raise DpokitError(f"{adapter_file}: names no base model (base_model_name_or_path)")
+        policy = PeftModel.from_pretrained(family.load_model(base, cfg), str(path)).eval()
+        tokenizer = load_tokenizer(str(path) if (path / "tokenizer_config.json").is_file() else base, cfg)
+    else:
+        policy = family.load_model(str(path), cfg)
+        tokenizer = load_tokenizer(str(path), cfg)
+    policy.requires_grad_(False)
+    reference, adapter_off = None, False
+    ref_path = ref_model or cfg.ref_model
+    if ref_path:
+        reference, name = family.load_model(str(ref_path), cfg), str(ref_path)
+    elif adapter_file.is_file():
+        adapter_off, name = True, "the base model with adapters off"
+    elif cfg.reference_free:
+        name = "none (reference-free)"
+    elif from_run:
+        reference, name = family.load_model(cfg.model, cfg), cfg.model
+    else:
+        raise DpokitError(f"{path}: no reference model; pass --ref-model, or point at a dpokit run directory "
+                          f"(its config.yaml names the starting model)")
+    return Models(cfg, family, tokenizer, policy.to(dev), None if reference is None else reference.to(dev),
+                  adapter_off, dev, name)
+
+
+def _terms_and_reference(batch, scorer, ref: Reference):
+    terms = scorer(batch)
+    if ref.free:
+        ref_c = ref_r = torch.zeros_like(terms.chosen, dtype=torch.float32)
+    else:
+        ref_c, ref_r = ref.logps(batch)
+    return terms, ref_c, ref_r
+
+
+@torch.no_grad()
+def preference_eval(models: Models, data: Any, batch_size: int | None = None, progress: bool = True) -> dict:
+    """Means over the pairs of the objective's metrics (TRL names: `rewards/accuracies`,
+    `rewards/margins`, `loss`, ...), plus `pairs`. Accuracy counts a tie as wrong, as TRL does."""
+    cfg = models.cfg
+    examples = models.family.examples(data, models.tokenizer, cfg)
+    scorer, ref = models.policy_scorer(), models.reference_scorer()
+    obj_cfg = ObjectiveConfig.from_config(cfg)
+    sums: dict[str, float] = {}
+    for _, batch in models.batches(examples, batch_size, "eval", progress):
+        terms, ref_c, ref_r = _terms_and_reference(batch, scorer, ref)
+        t = Terms(terms.chosen.float(), terms.rejected.float(), ref_c, ref_r, terms.chosen_len, terms.rejected_len,
+                  batch["margin"])
+        _, metrics = objective(t, batch["weight"], cfg.loss_types, cfg.loss_weights, obj_cfg)
+        for k, v in metrics.items():
+            sums[k] = sums.get(k, 0.0) + v.float().sum().item()
+    return {"pairs": len(examples), **{k: v / len(examples) for k, v in sums.items()}}
+
+
+# ---------------------------------------------------------------- the DPO model as a reward model
+
+
+def _check_text(row: dict, keys: tuple[str, ...]) -> tuple[str, Any]:
+    for key in keys:
+        value = row.get(key)
+        if value is None:
+            continue
+        if isinstance(value, str) and value.strip():
+            return key, value
+        if isinstance(value, list) and value and all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in value):
+            return key, value
+        raise RowProblem(f"field {key!r} must be non-empty text or a list of {{role, content}} messages")
+    raise RowProblem(f"missing field {' or '.join(repr(k) for k in keys)}")
+
+
+def completion_example(prompt, response, tokenizer, max_length: int | None, max_prompt_length: int | None) -> Example:
+    """One (prompt, response) encoded exactly as training encodes a chosen reply: `tokenize_pair`
+    with an empty stand-in for the rejected reply, which is then dropped (the batch scores nothing
+    for it)."""
+    if isinstance(prompt, str) != isinstance(response, str):
+        raise RowProblem("prompt and response must both be text or both be message lists")
+    stand_in = "" if isinstance(response, str) else [{"role": "assistant", "content": ""}]
+    ex = tokenize_pair(Pair(prompt, response, stand_in), tokenizer, max_length, max_prompt_length)
+    return Example(ex.prompt_ids, ex.chosen_ids, [])
+
+
+def read_completions(source: Any, tokenizer, cfg) -> list[tuple[int, Example]]:
+    """Rows with `prompt` and `completion` (TRL's unpaired layout) or `response` → (row number, Example)."""
+    name = str(source)
+    out = []
+    for number, row in read_rows(source):
+        try:
+            _, prompt = _check_text(row, ("prompt",))
+            _, response = _check_text(row, ("completion", "response"))
+            out.append((number, completion_example(prompt, response, tokenizer, cfg.max_length, cfg.max_prompt_length)))
+        except RowProblem as e:
+            raise DataError(name, number, str(e)) from None
+    if not out:
+        raise DataError(name, None, "no rows")
+    return out
+
+
+@torch.no_grad()
+def score_responses(models: Models, source: Any, batch_size: int | None = None, progress: bool = True) -> list[dict]:
+    """One dict per row: `row`, `reward` (β·(log π − log π_ref), or β·log π/|y| reference-free),
+    `logp`, `ref_logp` (None reference-free) and `tokens` (the response's length)."""
+    rows = read_completions(source, models.tokenizer, models.cfg)
+    scorer, ref = models.policy_scorer(), models.reference_scorer()
+    beta = models.cfg.beta
+    numbers = iter(number for number, _ in rows)
+    out = []
+    for chunk, batch in models.batches([ex for _, ex in rows], batch_size, "score", progress):
+        terms, ref_c, _ = _terms_and_reference(batch, scorer, ref)
+        for i in range(len(chunk)):
+            logp, n = terms.chosen[i].float().item(), int(terms.chosen_len[i].item())
+            if ref.free:
+                reward, ref_logp = beta * logp / max(n, 1), None
+            else:
+                ref_logp = ref_c[i].item()
+                reward = beta * (logp - ref_logp)
+            out.append({"row": next(numbers), "reward": reward, "logp": logp, "ref_logp": ref_logp, "tokens": n})
+    return out
+
+
+# ---------------------------------------------------------------- held-out prompts
+
+
+def read_prompts(source: Any, limit: int | None = None) -> list:
+    """Prompts from rows with a `prompt` field, or from preference rows with an implicit prompt."""
+    name = str(source)
+    prompts = []
+    for number, row in read_rows(source):
+        try:
+            if row.get("prompt") is not None:
+                prompts.append(_check_text(row, ("prompt",))[1])
+            else:
+                _check_text(row, ("chosen",))
+                _check_text(row, ("rejected",))
+                prompts.append(split_implicit_prompt(row["chosen"], row["rejected"])[0])
+        except RowProblem as e:
+            raise DataError(name, number, str(e)) from None
+        if limit and len(prompts) >= limit:
+            break
+    if not prompts:
+        raise DataError(name, None, "no prompts")
+    return prompts
+
+
+def run_eval(model: str | Path, data: Any = None, prompts: Any = None, *, ref_model: str | None = None,
+             beta: float | None = None, batch_size: int | None = None, judge: Any = None, num_prompts: int | None = None,
+             max_new_tokens: int = 128, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
+             embeddings: bool = True, samples_out: str | Path | None = None, overrides: list[str] = (),
+             progress: bool = True) -> dict:
+    """What `dpokit eval` does: preference eval on `data` and/or sample-based eval on `prompts`."""
+    if not data and not prompts:
+        raise DpokitError("nothing to evaluate: give --data (a preference file), --prompts (held-out prompts), or both")
+    from .judges import load_judge
+    from .sample_eval import sample_eval
+
+    judge = load_judge(judge)  # a bad judge spec fails before any model is loaded
+    models = load_models(model, ref_model, beta, overrides)
+    result: dict[str, Any] = {"model": str(model), "reference": models.reference_name, "beta": models.cfg.beta}
+    if data:
+        result["preference_source"] = str(data)
+        result["preference"] = preference_eval(models, data, batch_size, progress)
+    if prompts:
+        if models.reference is None and not models.adapter_off:
+            raise DpokitError("sample-based eval needs a reference model to compare with; pass --ref-model")
+        chosen = read_prompts(prompts, num_prompts)
+        out = sample_eval(models.policy, models.reference, models.tokenizer, chosen, judge,
+                          max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                          batch_size=batch_size or models.cfg.per_device_eval_batch_size, seed=seed,
+                          max_prompt_length=models.cfg.max_prompt_length,
+                          embedder="minilm" if embeddings else None, progress=progress)
+        result["samples_source"] = str(prompts)
+        result["samples"] = out.metrics
+        if samples_out:
+            Path(samples_out).write_text("".join(json.dumps(s) + "\n" for s in out.samples))
+    return result
+
+
+def format_results(result: dict) -> str:
+    """The eval result as aligned `name  value` lines."""
+    lines = [f"model: {result['model']}", f"reference: {result['reference']}", f"beta: {result['beta']}"]
+    for section, title in (("preference", "preference eval"), ("samples", "sample-based eval")):
+        if section in result:
+            lines.append(f"{title} ({result[section + '_source']}):")
+            width = max(len(k) for k in result[section])
+            for k, v in result[section].items():
+                shown = "nan" if isinstance(v, float) and math.isnan(v) else f"{v:.4f}" if isinstance(v, float) else v
+                lines.append(f"  {k:<{width}}  {shown}")
+    return "\n".join(lines)
