@@ -324,3 +324,26 @@ def test_orpo_matches_trl_orpo_trainer(tokenizer):
     assert ours["nll_loss"].mean().item() == pytest.approx(completion_nll.item(), rel=1e-5)
     odds_term = want.item() - float(metrics["nll_loss"])
     assert got.item() - completion_nll.item() == pytest.approx(odds_term, rel=1e-5)
+
+
+def test_simpo_training_loads_no_reference(tiny_model_dir, pairs_file, cache_dir, tmp_path, tokenizer):
+    from dpokit import train
+
+    cfg = load_config(None, ["loss_type=simpo", "beta=2.0", "simpo_gamma=0.3", f"model={tiny_model_dir}",
+                             f"train_data={pairs_file}", f"output_dir={tmp_path / 'run'}", "max_steps=1",
+                             "per_device_train_batch_size=8", "disable_tqdm=true", "save_steps=0"])
+    assert cfg.reference_free
+    result = train(cfg)
+    assert not cache_dir.exists() or not any(cache_dir.rglob("*.safetensors"))  # nothing was scored by a reference
+    # the logged step-1 loss is SimPO on the starting weights, with no reference anywhere
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    batch = collate(load_examples(ROWS, tokenizer, cfg.max_length, cfg.max_prompt_length), tokenizer.pad_token_id)
+    with torch.no_grad():
+        p = CausalLMScorer(model)(batch)
+    zero = torch.zeros_like(p.chosen)
+    want, metrics = objective(Terms(p.chosen, p.rejected, zero, zero, p.chosen_len, p.rejected_len, zero),
+                              torch.ones(len(ROWS)), ["simpo"], None, ObjectiveConfig.from_config(cfg))
+    assert result.history[0]["loss"] == pytest.approx(want.item(), rel=1e-4)
+    assert result.history[0]["rewards/chosen"] == pytest.approx(metrics["rewards/chosen"].mean().item(), rel=1e-4)

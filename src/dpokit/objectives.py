@@ -224,8 +224,9 @@ GW_SCHEDULES = ("linear", "bilateral")
 
 
 def hierarchy_level(value, levels: int = len(HIERARCHY)) -> int:
-    """A source's trust level, 1 (least) … `levels` (most): an integer, or a name from HIERARCHY."""
-    if isinstance(value, str) and value.strip().lower() in HIERARCHY:
+    """A source's trust level, 1 (least) … `levels` (most): an integer, or (with the default five
+    levels) a name from HIERARCHY."""
+    if isinstance(value, str) and value.strip().lower() in HIERARCHY and levels == len(HIERARCHY):
         return HIERARCHY.index(value.strip().lower()) + 1
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= levels:
         raise ValueError(f"a level must be an integer in 1..{levels} or one of {', '.join(HIERARCHY)}; got {value!r}")

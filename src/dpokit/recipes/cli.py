@@ -1,0 +1,87 @@
+"""`dpokit data ...`: build pairs from raw data, check a data file, score prompt-injection attacks.
+
+    dpokit data build votes|ratings|rankings|injection|hierarchy IN OUT [options]
+    dpokit data validate FILE [--model M] [--max-length N] [--max-prompt-length N] [--json]
+    dpokit data asr MODEL EVAL_FILE [--max-new-tokens N] [--match contains|startswith]
+
+`dpokit data build RECIPE --help` describes the input each recipe reads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from ..errors import DpokitError
+from . import hierarchy, injection, ratings, rankings, votes
+
+RECIPES = {m.NAME: m for m in (votes, ratings, rankings, injection, hierarchy)}
+
+
+def register(subparsers) -> None:
+    """Add the `data` command to the dpokit parser; the chosen action lands in `args.data_run`."""
+    data = subparsers.add_parser("data", help="build preference pairs from raw data; validate a data file")
+    sub = data.add_subparsers(dest="data_command", required=True)
+    build = sub.add_parser("build", help="raw rows → standard JSONL pairs (prompt, chosen, rejected[, margin])")
+    recipes = build.add_subparsers(dest="recipe", required=True)
+    for name, module in RECIPES.items():
+        p = recipes.add_parser(name, help=module.HELP, description=module.__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.add_argument("input", help="JSONL, JSON, Parquet, CSV or a saved datasets folder")
+        p.add_argument("output", help="the JSONL file to write")
+        module.add_arguments(p)
+        p.set_defaults(data_run=_build)
+    p = sub.add_parser("validate", help="counts, lengths, duplicates and every row problem the loader would raise")
+    p.add_argument("file")
+    p.add_argument("--model", help="a model or tokenizer path: adds token lengths and truncation counts")
+    p.add_argument("--max-length", type=int, default=1024)
+    p.add_argument("--max-prompt-length", type=int, default=512)
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(data_run=_validate)
+    p = sub.add_parser("asr", help="attack success rate of a model on held-out injected prompts "
+                                   "(from `data build injection --eval`)")
+    p.add_argument("model")
+    p.add_argument("file")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--match", choices=("contains", "startswith"), default="contains")
+    p.set_defaults(data_run=_asr)
+
+
+def run(args) -> None:
+    args.data_run(args)
+
+
+def _build(args) -> None:
+    from .common import write_jsonl
+
+    built = RECIPES[args.recipe].build(args)
+    n = write_jsonl(built.rows, args.output, args.input)
+    print(f"wrote {n} rows to {args.output} ({built.summary()})")
+
+
+def _validate(args) -> None:
+    from .validate import format_report, validate
+
+    tokenizer = None
+    if args.model:
+        from ..config import TrainConfig
+        from ..families.causal_lm import load_tokenizer
+
+        tokenizer = load_tokenizer(args.model, TrainConfig())
+    report = validate(args.file, tokenizer, args.max_length, args.max_prompt_length)
+    print(report.to_json() if args.json else format_report(report, args.max_length, args.max_prompt_length))
+    if report.bad_rows:
+        raise DpokitError(f"{args.file}: {report.bad_rows} of {report.rows} rows have problems")
+
+
+def _asr(args) -> None:
+    from ..data import read_rows
+    from .injection import attack_success_rate, hf_generator
+
+    items = [row for _, row in read_rows(args.file)]
+    for k, row in enumerate(items, start=1):
+        if "prompt" not in row or "target" not in row:
+            raise DpokitError(f"{args.file}, row {k}: an attack prompt needs 'prompt' and 'target' "
+                              "(write them with `dpokit data build injection --eval`)")
+    result = attack_success_rate(hf_generator(args.model, args.max_new_tokens), items, args.match)
+    print(json.dumps(result))
