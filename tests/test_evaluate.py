@@ -1,5 +1,6 @@
 """eval / score / sample-based eval, each checked against a plain forward pass of the models."""
 
+import importlib.util
 import json
 import math
 import shutil
@@ -109,7 +110,8 @@ def lora_run(tmp_path_factory, tiny_model_dir):
 
     cfg = TrainConfig(model=str(tiny_model_dir), train_data=str(data), output_dir=str(root / "out"), beta=0.2,
                       lora={"r": 4, "lora_alpha": 16}, learning_rate=0.05, max_steps=3, logging_steps=1,
-                      per_device_train_batch_size=4, disable_tqdm=True, ref_cache_dir=str(root / "cache"))
+                      per_device_train_batch_size=4, disable_tqdm=True, ref_cache_dir=str(root / "cache"),
+                      report_to=["jsonl", "tensorboard"] if importlib.util.find_spec("tensorboard") else ["jsonl"])
     train(cfg)
     return root / "out", data
 
@@ -118,6 +120,14 @@ def test_cli_eval_and_score_on_a_lora_run(lora_run, tiny_model_dir, capsys):
     out, data = lora_run
     assert (out / "adapter_config.json").exists() and (out / "report.html").exists()
     assert 'data-metric="loss"' in (out / "report.html").read_text()  # the loop wrote its report
+    if (out / "tensorboard").exists():  # the loop logged through the configured sink
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        events = EventAccumulator(str(out / "tensorboard"))
+        events.Reload()
+        logged = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+        assert [(e.step, round(e.value, 5)) for e in events.Scalars("loss")] == [
+            (r["step"], round(r["loss"], 5)) for r in logged if "loss" in r]
 
     from peft import PeftModel
 

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from .errors import DpokitError
 
@@ -86,7 +87,7 @@ class RewardModelJudge(Judge):
 
     def __init__(self, model, tokenizer=None, *, batch_size: int = 8, max_length: int | None = None,
                  label: int | None = None, device: str | None = None, dtype: str = "auto",
-                 trust_remote_code: bool = False):
+                 trust_remote_code: bool = False, progress: bool = True):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         if isinstance(model, (str, Path)):
@@ -109,7 +110,7 @@ class RewardModelJudge(Judge):
             tokenizer.pad_token = tokenizer.eos_token
         if model.config.pad_token_id is None:  # the model finds each row's last token by it
             model.config.pad_token_id = tokenizer.pad_token_id
-        self.tokenizer, self.batch_size, self.max_length = tokenizer, batch_size, max_length
+        self.tokenizer, self.batch_size, self.max_length, self.progress = tokenizer, batch_size, max_length, progress
         self.device = torch.device(device) if device else next(model.parameters()).device
         self.model = model.to(self.device).eval()
 
@@ -124,7 +125,8 @@ class RewardModelJudge(Judge):
     @torch.no_grad()
     def score(self, prompts, responses):
         out: list[float] = []
-        for start in range(0, len(responses), self.batch_size):
+        starts = range(0, len(responses), self.batch_size)
+        for start in tqdm(starts, desc="reward model", disable=not self.progress or len(starts) < 2):
             ids = [self._ids(p, r) for p, r in zip(prompts[start:start + self.batch_size],
                                                    responses[start:start + self.batch_size])]
             batch = self.tokenizer.pad({"input_ids": ids}, padding=True, return_tensors="pt")
@@ -183,7 +185,7 @@ class LLMJudge(Judge):
     def __init__(self, base_url: str, model: str, constitution: Sequence[str] | str | None = None, *,
                  api_key_env: str = "OPENAI_API_KEY", pairwise: bool = False, scale: tuple[int, int] = (1, 10),
                  timeout: float = 60.0, max_retries: int = 3, backoff: float = 1.0, temperature: float = 0.0,
-                 max_tokens: int = 256, concurrency: int = 4, seed: int = 0):
+                 max_tokens: int = 256, concurrency: int = 4, seed: int = 0, progress: bool = True):
         scheme = urllib.parse.urlparse(base_url).scheme
         if scheme not in ("http", "https"):
             raise DpokitError(f"LLM judge base_url must be an http(s) URL, got {base_url!r}")
@@ -197,6 +199,7 @@ class LLMJudge(Judge):
         self.model, self.api_key_env, self.pairwise, self.scale = model, api_key_env, pairwise, tuple(scale)
         self.timeout, self.max_retries, self.backoff = timeout, max_retries, backoff
         self.temperature, self.max_tokens, self.concurrency, self.seed = temperature, max_tokens, concurrency, seed
+        self.progress = progress
 
     def __repr__(self):
         return (f"LLMJudge(url={self.url!r}, model={self.model!r}, api_key_env={self.api_key_env!r}, "
@@ -253,10 +256,11 @@ class LLMJudge(Judge):
         system = {"role": "system", "content": SYSTEM.format(
             principles="\n".join(f"{i}. {p}" for i, p in enumerate(self.constitution, 1)))}
         ask = lambda task: self._post([system, {"role": "user", "content": task}])  # noqa: E731
+        bar = dict(total=len(tasks), desc="judge", disable=not self.progress or len(tasks) < 2)
         if self.concurrency <= 1 or len(tasks) <= 1:
-            return [ask(t) for t in tasks]
+            return [ask(t) for t in tqdm(tasks, **bar)]
         with ThreadPoolExecutor(self.concurrency) as pool:
-            return list(pool.map(ask, tasks))
+            return list(tqdm(pool.map(ask, tasks), **bar))
 
     # ------------------------------------------------------------ judging
 
