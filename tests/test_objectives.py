@@ -2,7 +2,6 @@
 the loss, against TRL's own code on the same inputs."""
 
 import math
-import types
 
 import pytest
 import torch
@@ -221,7 +220,7 @@ def test_gw_margin_schedules():
 
 
 @pytest.fixture(scope="module")
-def trl_dpo(tokenizer):
+def trl_dpo(tokenizer, tmp_path_factory):
     """TRL's DPOTrainer and dpokit's scorer on the same tiny policy and reference."""
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
@@ -230,8 +229,8 @@ def trl_dpo(tokenizer):
 
     policy = build_llama(tokenizer, hidden_size=32, num_layers=2, num_heads=4, seed=0)
     ref = build_llama(tokenizer, hidden_size=32, num_layers=2, num_heads=4, seed=1)
-    args = DPOConfig(output_dir="unused", per_device_train_batch_size=8, report_to=[], use_cpu=True, max_length=None,
-                     bf16=False)
+    args = DPOConfig(output_dir=str(tmp_path_factory.mktemp("trl")), per_device_train_batch_size=8, report_to=[],
+                     use_cpu=True, max_length=None, bf16=False)
     trainer = DPOTrainer(model=policy, ref_model=ref, args=args, train_dataset=Dataset.from_list(ROWS),
                          processing_class=tokenizer)
     trl_batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(ROWS))])
@@ -283,14 +282,14 @@ def _trl_terms(trainer, batch):
 
 
 @pytest.mark.parametrize("cpo_alpha", [0.0, 1.0])
-def test_simpo_matches_trl_cpo_trainer(tokenizer, cpo_alpha):
+def test_simpo_matches_trl_cpo_trainer(tokenizer, tmp_path, cpo_alpha):
     from datasets import Dataset
     from trl.experimental.cpo import CPOConfig, CPOTrainer
 
     from dpokit.tiny import build_llama
 
-    args = CPOConfig(output_dir="unused", report_to=[], use_cpu=True, bf16=False, loss_type="simpo", beta=2.0, simpo_gamma=0.8,
-                     cpo_alpha=cpo_alpha, per_device_train_batch_size=8)
+    args = CPOConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, bf16=False, loss_type="simpo", beta=2.0,
+                     simpo_gamma=0.8, cpo_alpha=cpo_alpha, per_device_train_batch_size=8)
     trainer = CPOTrainer(model=build_llama(tokenizer, hidden_size=32, num_layers=2, num_heads=4, seed=0), args=args,
                          train_dataset=Dataset.from_list(ROWS), processing_class=tokenizer)
     batch = next(iter(trainer.get_train_dataloader()))
@@ -303,13 +302,14 @@ def test_simpo_matches_trl_cpo_trainer(tokenizer, cpo_alpha):
     assert got.item() == pytest.approx(want.item(), rel=1e-5)
 
 
-def test_orpo_matches_trl_orpo_trainer(tokenizer):
+def test_orpo_matches_trl_orpo_trainer(tokenizer, tmp_path):
     from datasets import Dataset
     from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
     from dpokit.tiny import build_llama
 
-    args = ORPOConfig(output_dir="unused", report_to=[], use_cpu=True, bf16=False, beta=0.3, per_device_train_batch_size=8)
+    args = ORPOConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, bf16=False, beta=0.3,
+                      per_device_train_batch_size=8)
     trainer = ORPOTrainer(model=build_llama(tokenizer, hidden_size=32, num_layers=2, num_heads=4, seed=0), args=args,
                           train_dataset=Dataset.from_list(ROWS), processing_class=tokenizer)
     batch = next(iter(trainer.get_train_dataloader()))
@@ -320,7 +320,8 @@ def test_orpo_matches_trl_orpo_trainer(tokenizer):
     got, ours = objective(t, torch.ones(len(ROWS)), ["orpo"], None, ObjectiveConfig(beta=0.3))
     # TRL's NLL also covers the prompt tokens (the authors' code); dpokit's covers the chosen reply only,
     # the authors' `disable_prompt_loss` variant. The odds-ratio term is the same.
-    completion_nll = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), batch["chosen_labels"][:, 1:].flatten())
+    completion_nll = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1),
+                                                       batch["chosen_labels"][:, 1:].flatten())
     assert ours["nll_loss"].mean().item() == pytest.approx(completion_nll.item(), rel=1e-5)
     odds_term = want.item() - float(metrics["nll_loss"])
     assert got.item() - completion_nll.item() == pytest.approx(odds_term, rel=1e-5)

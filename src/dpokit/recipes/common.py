@@ -72,7 +72,8 @@ def number(row: dict, key: str, where: str = "", default: float | None = None) -
 def items(row: dict, key: str) -> list:
     value = row.get(key)
     if not isinstance(value, list):
-        raise RowProblem(f"field {key!r} must be a list, got {type(value).__name__ if value is not None else 'nothing'}")
+        got = type(value).__name__ if value is not None else "nothing"
+        raise RowProblem(f"field {key!r} must be a list, got {got}")
     return value
 
 

@@ -108,7 +108,8 @@ def validate(source: Any, tokenizer=None, max_length: int | None = None,
     report.chars = {k: _stats(v) for k, v in chars.items()}
     report.tokens = {k: _stats(v) for k, v in tokens.items() if v}
     if weights:
-        report.weights = {**_stats(weights), "not_one": sum(w != 1 for w in weights), "zero": sum(w == 0 for w in weights)}
+        report.weights = {**_stats(weights), "not_one": sum(w != 1 for w in weights),
+                          "zero": sum(w == 0 for w in weights)}
         report.margins = {**_stats(margins), "nonzero": sum(m != 0 for m in margins)}
     return report
 
