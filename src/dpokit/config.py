@@ -143,15 +143,21 @@ def load_config(path: str | Path | None, overrides: list[str] = (), **extra: Any
     if unknown:
         raise DpokitError(f"unknown config key(s): {', '.join(unknown)}")
     for key, value in values.items():
-        _check_type(key, value, known[key])
+        values[key] = _check_type(key, value, known[key])
     return TrainConfig(**values)
 
 
-def _check_type(key: str, value: Any, f: dataclasses.Field) -> None:
+def _check_type(key: str, value: Any, f: dataclasses.Field) -> Any:
+    """The value, checked against the field's default type (YAML 1.1 reads `1e-3` as a string: accept it)."""
     default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
     if value is None or default is None:
-        return
+        return value
     wanted = type(default)
+    if wanted is float and isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            pass
     ok = isinstance(value, wanted) or (wanted is float and isinstance(value, int) and not isinstance(value, bool))
     if wanted is int and isinstance(value, bool):
         ok = False
@@ -159,3 +165,4 @@ def _check_type(key: str, value: Any, f: dataclasses.Field) -> None:
         ok = True
     if not ok:
         raise DpokitError(f"config key {key!r} expects {wanted.__name__}, got {json.dumps(value)}")
+    return value
