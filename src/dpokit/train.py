@@ -3,15 +3,19 @@
 config → family (model, processor, encoded examples) → reference log-probs (cached) →
 AdamW steps on the objective → metrics, periodic eval, atomic checkpoints, final save.
 Runs on accelerate, so the same loop serves CPU, one GPU, and DDP/FSDP/DeepSpeed under
-`accelerate launch`. Each optimizer step sees a global batch of
-`per_device_train_batch_size × processes × gradient_accumulation_steps` pairs, in an order
-fixed by (seed, epoch), so a resumed run replays exactly the batches it had left.
+`accelerate launch` or `torchrun`. Each optimizer step sees a global batch of
+`per_device_train_batch_size × processes × gradient_accumulation_steps` pairs, taken in an
+order fixed by (seed, epoch) and split across ranks, so a resumed run replays exactly the
+batches it had left, and one process with a batch of 8 sees the pairs two processes with
+4 each see. The loss is the mean over every pair of the global batch, whatever the split.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,54 +27,139 @@ from .config import TrainConfig
 from .errors import DpokitError
 from .families import get_family
 from .objectives import ObjectiveConfig, Terms, check_losses, objective
-from .reference import build_reference, precompute
+from .reference import build_reference, cache_path
 from .sinks import make_sinks
 
 log = logging.getLogger("dpokit")
+
+# Row order in metrics.jsonl: TRL's names, then anything an objective adds.
+KEY_ORDER = ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+             "logps/rejected", "logits/chosen", "logits/rejected", "grad_norm"]
 
 
 @dataclass
 class TrainResult:
     output_dir: Path
     global_step: int
-    history: list[dict] = field(default_factory=list)  # every logged row, as in metrics.jsonl
+    history: list[dict] = field(default_factory=list)  # every row logged by this run, as in metrics.jsonl
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "false").lower() == "true"
 
 
 def _accelerator(cfg: TrainConfig):
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
-    cuda_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    bf16 = cuda_bf16 if cfg.bf16 is None else cfg.bf16
-    return Accelerator(mixed_precision="bf16" if bf16 else "no")
+    cuda = torch.cuda.is_available()
+    bf16 = (cuda and torch.cuda.is_bf16_supported()) if cfg.bf16 is None else cfg.bf16
+    # Several processes on a machine without CUDA (torchrun, `accelerate launch --multi_gpu`): accelerate joins
+    # them over gloo only when told `cpu`.
+    cpu = not cuda and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    fsdp_plugin = None
+    if cpu and _flag("ACCELERATE_USE_FSDP"):
+        try:
+            fsdp_plugin = FullyShardedDataParallelPlugin()
+        except RuntimeError:
+            raise DpokitError("FSDP on CPU needs fsdp_version: 2 (accelerate's FSDP1 wants a GPU)") from None
+    acc = Accelerator(
+        cpu=cpu, mixed_precision="bf16" if bf16 else "no", fsdp_plugin=fsdp_plugin,
+        # DeepSpeed steps its own engine at the accumulation boundary; it must know the count.
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps if _flag("ACCELERATE_USE_DEEPSPEED") else 1,
+    )
+    if fsdp_plugin is not None and acc.distributed_type == DistributedType.MULTI_CPU:
+        # accelerate runs CPU processes as plain DDP even when FSDP is asked for; torch's FSDP2 works over gloo.
+        # Both shared states hold the type (AcceleratorState copies PartialState's whenever it is built).
+        PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+        AcceleratorState._shared_state.update(distributed_type=DistributedType.FSDP, fsdp_plugin=fsdp_plugin)
+    return acc
+
+
+class _Means:
+    """Running sums and counts of per-example metrics, summed over ranks when read.
+
+    Sums are float64 and restored exactly from a checkpoint, so a resumed run logs the
+    numbers an uninterrupted one would.
+    """
+
+    def __init__(self, device, saved: dict[str, list[float]] | None = None):
+        self.device = device
+        self.sums = {k: torch.tensor(v, dtype=torch.float64, device=device) for k, v in (saved or {}).items()}
+
+    def add(self, name: str, values: torch.Tensor, counted: bool = True) -> None:
+        values = values.detach().reshape(-1).to(self.device, torch.float64)
+        entry = torch.stack([values.sum(), torch.tensor(float(values.numel()), dtype=torch.float64, device=self.device)])
+        entry = entry if counted else torch.zeros_like(entry)  # a rank with no pair this round still adds the key
+        self.sums[name] = self.sums[name] + entry if name in self.sums else entry
+
+    def totals(self, acc) -> dict[str, list[float]]:
+        """Sums and counts over all ranks (collective: every rank calls it, with the same keys)."""
+        if not self.sums:
+            return {}
+        keys = sorted(self.sums)
+        stacked = torch.stack([self.sums[k] for k in keys])
+        if acc.num_processes > 1:
+            stacked = acc.reduce(stacked, reduction="sum")
+        return dict(zip(keys, stacked.cpu().tolist()))
+
+    def means(self, acc) -> dict[str, float]:
+        totals = self.totals(acc)
+        order = [k for k in KEY_ORDER if k in totals] + sorted(set(totals) - set(KEY_ORDER))
+        return {k: totals[k][0] / totals[k][1] for k in order if totals[k][1] > 0}
 
 
 class Loop:
     def __init__(self, cfg: TrainConfig, family=None):
+        from accelerate.utils import set_seed
+
         check_losses(cfg.loss_types, cfg.loss_weights, cfg.label_smoothing)
         self.cfg = cfg
         self.acc = _accelerator(cfg)
-        torch.manual_seed(cfg.seed)
+        self.deepspeed = self.acc.distributed_type.value == "DEEPSPEED"
+        set_seed(cfg.seed)  # the same on every rank: LoRA and any fresh weights start identical
         self.family = family or get_family(cfg.family)
         self.out = Path(cfg.output_dir)
-        model, self.processor = self.family.load_policy(cfg)
-        self.model = model.to(self.acc.device)
+        self.model, self.processor = self.family.load_policy(cfg)
         self.train_examples = self.family.examples(cfg.train_data, self.processor, cfg)
+        if not self.train_examples:
+            raise DpokitError(f"{cfg.train_data}: no training pairs")
         self.eval_examples = self.family.examples(cfg.eval_data, self.processor, cfg) if cfg.eval_data else []
         self.resume_dir = self._find_resume()
-        self.obj_cfg = ObjectiveConfig(beta=cfg.beta, label_smoothing=cfg.label_smoothing)
-        self._setup_reference()
-        self.scorer = self.family.scorer(self.model, cfg)
+        self.obj_cfg = ObjectiveConfig.from_config(cfg)
+        # The reference is chosen (and its cache key read) while the policy still holds its starting weights,
+        # unsharded; the policy's own log-probs are scored after `prepare`, through the wrapped model.
+        self.reference = build_reference(cfg, self.family, self.model, self.acc.device)
+        if not self.reference.free and self.reference.scorer.model is not self.model:
+            self.reference.scorer.to(self.acc.device)  # a separate model or a frozen copy
+        ref_keys = {}
+        if not self.reference.free and cfg.precompute_ref_log_probs:
+            ref_keys = {"train": cache_path(cfg, self.reference, self.train_examples)}
+            if self.eval_examples:
+                ref_keys["eval"] = cache_path(cfg, self.reference, self.eval_examples)
+
+        scorer = self.family.scorer(self.model, cfg)
+        # FSDP wraps each block the model names as unsplittable; the scorer is the root it sees.
+        scorer._no_split_modules = getattr(self.model, "_no_split_modules", None)
         params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                           eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
-        self.micro_per_epoch = math.ceil(len(self.train_examples) / self.global_micro_batch)
-        self.steps_per_epoch = math.ceil(self.micro_per_epoch / cfg.gradient_accumulation_steps)
+        optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                      eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
+        n, per_step = len(self.train_examples), self.global_micro_batch * cfg.gradient_accumulation_steps
+        self.steps_per_epoch = math.ceil(n / per_step)
         self.total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(self.steps_per_epoch * cfg.num_train_epochs)
         from transformers import get_scheduler
 
         warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * self.total_steps)
-        self.scheduler = get_scheduler(cfg.lr_scheduler_type, self.optimizer, warmup, self.total_steps)
-        self.scorer, self.optimizer = self.acc.prepare(self.scorer, self.optimizer)
+        self.scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, warmup, self.total_steps)
+        self.scorer, self.optimizer = self.acc.prepare(scorer, optimizer)
+
+        self.ref_train = self.ref_eval = None
+        if ref_keys:
+            self.ref_train = self._precompute(self.train_examples, ref_keys["train"], "train")
+            if self.eval_examples:
+                self.ref_eval = self._precompute(self.eval_examples, ref_keys["eval"], "eval")
+            self.reference = None  # nothing of a separate reference stays in memory
 
     # ------------------------------------------------------------ setup
 
@@ -95,27 +184,47 @@ class Loop:
     def _collate(self, examples):
         return self.family.collate(examples, self.cfg, self.processor)
 
-    def _setup_reference(self) -> None:
-        cfg = self.cfg
-        fresh = self.resume_dir is None
-        if not cfg.reference_free and not cfg.ref_model and cfg.lora is None and cfg.precompute_ref_log_probs and not fresh:
-            # The policy has moved since step 0: score with the starting weights, reloaded.
-            ref_cfg_model = self.family.load_model(cfg.model, cfg).to(self.acc.device)
-            from .reference import Reference
-            self.reference = Reference(self.family.scorer(ref_cfg_model, cfg))
-        else:
-            self.reference = build_reference(cfg, self.family, self.model, self.acc.device)
-        self.ref_train = self.ref_eval = None
-        if self.reference.free or not cfg.precompute_ref_log_probs:
-            return
-        quiet = cfg.disable_tqdm or not self.acc.is_main_process
-        with self.acc.main_process_first():
-            self.ref_train = precompute(cfg, self.reference, self.train_examples, self._collate, self.acc.device,
-                                        "train", quiet)
-            if self.eval_examples:
-                self.ref_eval = precompute(cfg, self.reference, self.eval_examples, self._collate, self.acc.device,
-                                           "eval", quiet)
-        self.reference = None  # nothing of the reference stays in memory
+    def _rank_slices(self, n: int, bs: int, order: list[int] | None = None):
+        """Per round: this rank's indices and whether they count. Every rank runs the same number of
+        rounds (FSDP forwards are collective); a rank left without pairs scores one and discards it."""
+        world, rank = self.acc.num_processes, self.acc.process_index
+        for start in range(0, n, bs * world):
+            chunk = list(range(start, min(n, start + bs * world)))
+            chunk = [order[i] for i in chunk] if order is not None else chunk
+            mine = chunk[rank * bs:(rank + 1) * bs]
+            yield (mine, True) if mine else (chunk[:1], False)
+
+    def _precompute(self, examples, path: Path, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reference log-probs for every example: from the disk cache, or each rank scores its share
+        of the batches, the shares are summed across ranks and rank 0 writes the cache."""
+        from safetensors.torch import load_file, save_file
+
+        acc = self.acc
+        found = torch.tensor(float(path.exists()), device=acc.device)
+        if acc.num_processes > 1:
+            found = acc.reduce(found, reduction="sum") / acc.num_processes
+        if found.item() == 1.0:
+            log.info("reference log-probs for %s: cache hit %s", name, path.name)
+            cached = load_file(str(path))
+            return cached["chosen"], cached["rejected"]
+        n = len(examples)
+        out = torch.zeros(2, n, device=acc.device)
+        rounds = self._rank_slices(n, self.cfg.per_device_eval_batch_size)
+        quiet = self.cfg.disable_tqdm or not acc.is_main_process
+        for indices, counted in tqdm(list(rounds), desc=f"reference log-probs ({name})", disable=quiet):
+            batch = self._batch(examples, indices, None)
+            c, r = self._reference_logps(batch)
+            if counted:
+                out[0, indices], out[1, indices] = c, r
+        if acc.num_processes > 1:
+            out = acc.reduce(out, reduction="sum")  # each entry is set on exactly one rank, zero elsewhere
+        out = out.cpu()
+        if acc.is_main_process:  # the file format of reference.precompute, so either fills the same cache
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            save_file({"chosen": out[0].contiguous(), "rejected": out[1].contiguous()}, str(tmp))
+            os.replace(tmp, path)
+        return out[0], out[1]
 
     # ------------------------------------------------------------ one batch
 
@@ -126,6 +235,23 @@ class Loop:
             batch["ref_chosen"], batch["ref_rejected"] = ref[0][idx].to(self.acc.device), ref[1][idx].to(self.acc.device)
         return batch
 
+    @torch.no_grad()
+    def _reference_logps(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        ref = self.reference
+        if ref.scorer.model is self.model:
+            # The policy's own weights (its starting point, or its base with adapters off): score through the
+            # prepared model, which under FSDP is the only one holding whole parameters during forward.
+            scorer = self.scorer
+            context = self.model.disable_adapter() if ref.adapter_off else contextlib.nullcontext()
+        else:
+            scorer, context = ref.scorer, contextlib.nullcontext()
+        was_training = scorer.training
+        scorer.eval()
+        with context:
+            terms = scorer(batch)
+        scorer.train(was_training)
+        return terms.chosen.float(), terms.rejected.float()
+
     def _loss(self, batch):
         terms = self.scorer(batch)
         if "ref_chosen" in batch:
@@ -133,7 +259,7 @@ class Loop:
         elif self.cfg.reference_free:
             ref_c = ref_r = torch.zeros_like(terms.chosen)
         else:
-            ref_c, ref_r = self.reference.logps(batch)
+            ref_c, ref_r = self._reference_logps(batch)
         t = Terms(terms.chosen.float(), terms.rejected.float(), ref_c, ref_r, terms.chosen_len, terms.rejected_len,
                   batch["margin"])
         loss, metrics = objective(t, batch["weight"], self.cfg.loss_types, self.cfg.loss_weights, self.obj_cfg)
@@ -147,83 +273,106 @@ class Loop:
         g = torch.Generator().manual_seed(self.cfg.seed * 1000003 + epoch)
         return torch.randperm(len(self.train_examples), generator=g).tolist()
 
-    def _gather_mean(self, values: list[torch.Tensor]) -> float:
-        local = torch.cat(values).float()
-        return self.acc.gather_for_metrics(local).mean().item() if self.acc.num_processes > 1 else local.mean().item()
-
     def evaluate(self) -> dict[str, float]:
         if not self.eval_examples:
             return {}
         self.scorer.eval()
-        n, bs = len(self.eval_examples), self.cfg.per_device_eval_batch_size
-        rank, world = self.acc.process_index, self.acc.num_processes
-        collected: dict[str, list] = {}
+        means = _Means(self.acc.device)
         with torch.no_grad():
-            for start in range(0, n, bs * world):
-                indices = list(range(start, min(n, start + bs * world)))[rank::world]
-                if not indices:
-                    continue
+            for indices, counted in self._rank_slices(len(self.eval_examples), self.cfg.per_device_eval_batch_size):
                 _, metrics = self._loss(self._batch(self.eval_examples, indices, self.ref_eval))
                 for k, v in metrics.items():
-                    collected.setdefault(k, []).append(v)
+                    means.add(k, v, counted)
         self.scorer.train()
-        return {f"eval_{k}": self._gather_mean(v) for k, v in collected.items()}
+        return {f"eval_{k}": v for k, v in means.means(self.acc).items()}
+
+    def _step(self, order: list[int], pos: int, means: _Means, step: int) -> int:
+        """One optimizer step over the pairs order[pos:pos + global batch]; returns the new position."""
+        cfg, acc = self.cfg, self.acc
+        rank, world, bs = acc.process_index, acc.num_processes, cfg.per_device_train_batch_size
+        G = bs * world
+        end = min(len(order), pos + G * cfg.gradient_accumulation_steps)
+        starts = list(range(pos, end, G))
+        losses, finite = [], torch.ones((), dtype=torch.bool, device=acc.device)
+        for k, s in enumerate(starts):
+            indices = order[s:min(s + G, end)][rank * bs:(rank + 1) * bs]
+            # Gradients are averaged over ranks; scaling each rank's mean by its share of the pairs makes the
+            # result the mean over every pair of the step, however they fall across ranks and micro-batches.
+            scale = world * len(indices) / (end - pos)
+            counted = bool(indices)
+            if not counted:  # a short last batch can leave a rank empty; it still joins the all-reduce
+                indices, scale = order[s:s + 1], 0.0
+            batch = self._batch(self.train_examples, indices, self.ref_train)
+            last = k == len(starts) - 1
+            if self.deepspeed:
+                acc.gradient_state._set_sync_gradients(last)  # its engine steps itself on the last micro-batch
+            with acc.no_sync(self.scorer) if not last and world > 1 else contextlib.nullcontext():
+                loss, metrics = self._loss(batch)
+                if self.deepspeed:
+                    scale *= acc.gradient_accumulation_steps  # its engine divides by the count itself
+                acc.backward(loss * scale)
+            losses.append(loss.detach())
+            finite &= torch.isfinite(loss.detach()) | (not counted)
+            for name, v in metrics.items():
+                means.add(name, v, counted)
+        max_norm = cfg.max_grad_norm if cfg.max_grad_norm and cfg.max_grad_norm > 0 else float("inf")
+        grad_norm = acc.clip_grad_norm_(self.scorer.parameters(), max_norm)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a replicated DTensor
+            grad_norm = grad_norm.full_tensor()
+        grad_norm = torch.as_tensor(grad_norm if grad_norm is not None else float("nan"), dtype=torch.float64,
+                                    device=acc.device).reshape(())
+        bad = (~finite).float()
+        if world > 1:
+            bad = acc.reduce(bad, reduction="sum")
+        if bad.item() > 0 or not torch.isfinite(grad_norm).item():
+            self._stop_non_finite(step + 1, losses, grad_norm)
+        means.add("grad_norm", grad_norm, counted=acc.is_main_process)  # the same on every rank: count it once
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return end
+
+    def _stop_non_finite(self, step: int, losses: list[torch.Tensor], grad_norm: torch.Tensor):
+        bad = [v.item() for v in losses if not torch.isfinite(v).item()]
+        if bad:
+            what = f"the loss became {bad[0]}"
+        elif not torch.isfinite(grad_norm).item():
+            what = f"the gradient norm became {grad_norm.item()}"
+        else:
+            what = "the loss became non-finite on another process"
+        last = checkpoint.list_checkpoints(self.out)
+        raise DpokitError(
+            f"{what} at step {step}; stopped before updating the weights. The last good checkpoint is "
+            f"{last[-1] if last else 'none (no checkpoint was written yet)'}; try a lower learning_rate")
 
     def run(self) -> TrainResult:
         cfg, acc = self.cfg, self.acc
         if acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
             cfg.save(self.out / "config.yaml")
-        state = {"global_step": 0, "epoch": 0, "micro": 0, "window": {}}
+        state = {"global_step": 0, "epoch": 0, "pos": 0, "window": {}}
         if self.resume_dir is not None:
-            state = checkpoint.load(self.resume_dir, acc.unwrap_model(self.scorer), self.optimizer, self.scheduler)
+            state = checkpoint.load(self.resume_dir, self.scorer, self.optimizer, self.scheduler, acc)
             log.info("resumed from %s at step %d", self.resume_dir, state["global_step"])
         sinks = make_sinks(cfg.report_to, self.out, cfg.to_dict(), state["global_step"] if self.resume_dir else None) \
             if acc.is_main_process else []
         history: list[dict] = []
-        window: dict[str, list] = {k: [torch.tensor(v)] for k, v in state["window"].items()}
-        step, gas = state["global_step"], cfg.gradient_accumulation_steps
+        # The window of metrics since the last log was saved summed over ranks: rank 0 carries it.
+        means = _Means(acc.device, state["window"] if acc.is_main_process else None)
+        step, epoch, pos = state["global_step"], state["epoch"], state["pos"]
+        n = len(self.train_examples)
         bar = tqdm(total=self.total_steps, initial=step, desc="dpo", disable=cfg.disable_tqdm or not acc.is_main_process)
         self.scorer.train()
-        epoch, micro = state["epoch"], state["micro"]
-        rank, world, bs = acc.process_index, acc.num_processes, cfg.per_device_train_batch_size
         while step < self.total_steps:
             order = self._order(epoch)
-            while micro < self.micro_per_epoch and step < self.total_steps:
-                group = range(micro, min(micro + gas, self.micro_per_epoch))
-                for k, m in enumerate(group):
-                    chunk = order[m * bs * world:(m + 1) * bs * world]
-                    indices = chunk[rank * bs:(rank + 1) * bs]
-                    share = len(indices) / (len(chunk) / world)  # this rank's part of the global mean
-                    if not indices:  # a short last batch can leave a rank empty; it still joins the all-reduce
-                        indices, share = chunk[:1], 0.0
-                    batch = self._batch(self.train_examples, indices, self.ref_train)
-                    sync = k == len(group) - 1
-                    with acc.no_sync(self.scorer) if not sync and world > 1 else _null():
-                        loss, metrics = self._loss(batch)
-                        if not torch.isfinite(loss):
-                            last = checkpoint.list_checkpoints(self.out)
-                            raise DpokitError(
-                                f"the loss became {loss.item()} at step {step + 1}; stopped. The last good checkpoint is "
-                                f"{last[-1] if last else 'none (no checkpoint was written yet)'}; try a lower learning_rate")
-                        acc.backward(loss * share / len(group))
-                    if share:
-                        for name, v in metrics.items():
-                            window.setdefault(name, []).append(v)
-                micro = group[-1] + 1
-                grad_norm = acc.clip_grad_norm_(self.scorer.parameters(), cfg.max_grad_norm)
-                self.optimizer.step()
-                self.scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
+            while pos < n and step < self.total_steps:
+                lr = self.scheduler.get_last_lr()[0]  # the rate this step uses (what transformers' Trainer logs)
+                pos = self._step(order, pos, means, step)
                 step += 1
-                window.setdefault("grad_norm", []).append(torch.as_tensor(grad_norm, dtype=torch.float32).reshape(1).cpu())
                 bar.update(1)
                 if step % cfg.logging_steps == 0 or step == self.total_steps:
-                    row = {k: self._gather_mean(v) if k != "grad_norm" else torch.cat(v).mean().item()
-                           for k, v in window.items()}
-                    row["learning_rate"] = self.scheduler.get_last_lr()[0]
-                    row["epoch"] = round(epoch + micro / self.micro_per_epoch, 4)
-                    window = {}
+                    row = {**means.means(acc), "learning_rate": lr, "epoch": round(epoch + pos / n, 4)}
+                    means = _Means(acc.device)
                     history.append({"step": step, **row})
                     for s in sinks:
                         s.log(step, row)
@@ -231,9 +380,13 @@ class Loop:
                 if cfg.eval_steps and step % cfg.eval_steps == 0 and step < self.total_steps:
                     self._log_eval(step, sinks, history)
                 if cfg.save_steps and step % cfg.save_steps == 0 and step < self.total_steps:
-                    self._save_checkpoint(step, epoch, micro, window)
-            if micro >= self.micro_per_epoch:
-                epoch, micro = epoch + 1, 0
+                    epoch_next, pos_next = (epoch + 1, 0) if pos >= n else (epoch, pos)
+                    checkpoint.save(self.out / f"checkpoint-{step}", self.scorer, self.optimizer, self.scheduler,
+                                    {"global_step": step, "epoch": epoch_next, "pos": pos_next,
+                                     "window": means.totals(acc)},
+                                    cfg.save_total_limit, acc)
+            if pos >= n:
+                epoch, pos = epoch + 1, 0
         bar.close()
         self._log_eval(step, sinks, history)
         for s in sinks:
@@ -248,29 +401,31 @@ class Loop:
             for s in sinks:
                 s.log(step, row)
 
-    def _save_checkpoint(self, step: int, epoch: int, micro: int, window: dict) -> None:
-        self.acc.wait_for_everyone()
-        if self.acc.is_main_process:
-            w = {k: torch.cat(v).tolist() for k, v in window.items()}
-            checkpoint.save(self.out / f"checkpoint-{step}", self.acc.unwrap_model(self.scorer), self.optimizer,
-                            self.scheduler, {"global_step": step, "epoch": epoch, "micro": micro, "window": w},
-                            self.cfg.save_total_limit)
-        self.acc.wait_for_everyone()
-
     def _save_final(self) -> None:
-        self.acc.wait_for_everyone()
-        if self.acc.is_main_process:
-            model = self.acc.unwrap_model(self.scorer).model
+        """The model in its library's format. Sharded runs gather the trained weights to rank 0, which loads
+        them into a fresh copy of the policy and saves that."""
+        acc = self.acc
+        sharded = acc.distributed_type.value in ("FSDP", "DEEPSPEED")
+        trained = None
+        if sharded and acc.distributed_type.value == "FSDP":
+            trained = checkpoint.get_model_state_dict(self.scorer, options=checkpoint.GATHER)
+        elif sharded:
+            trained = acc.get_state_dict(self.scorer)
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            if trained is None:
+                model = acc.unwrap_model(self.scorer).model
+            else:
+                model, _ = self.family.load_policy(self.cfg)
+                prefix = "model."  # the scorer holds the model as `.model`
+                weights = {k[len(prefix):]: v for k, v in trained.items() if k.startswith(prefix)}
+                result = model.load_state_dict(weights, strict=False)
+                if result.unexpected_keys:
+                    raise RuntimeError(f"gathered weights do not fit the policy: {result.unexpected_keys[:3]}")
             self.family.save(model, self.processor, str(self.out), merge_lora=self.cfg.merge_lora)
-        self.acc.wait_for_everyone()
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
+            from .report import write_report
+            write_report(self.out)
+        acc.wait_for_everyone()
 
 
 def train(cfg: TrainConfig, family=None) -> TrainResult:
