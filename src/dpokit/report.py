@@ -5,7 +5,7 @@ script, stylesheet or font fetched from anywhere, so the file opens offline, fro
 as an attachment. Panels: loss, reward accuracy, reward margin, chosen/rejected rewards,
 chosen/rejected log-probs, KL, then one panel for every other logged metric. Training
 series are solid lines, eval series (`eval_*`) dashed with markers; hovering a marker shows
-its step and value.
+its step and value; a metric and its eval twin share a colour.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ PANELS = [  # (title, metric names without the eval_ prefix)
     ("Log-probs: chosen / rejected", ["logps/chosen", "logps/rejected"]),
 ]
 SKIP = {"step", "epoch"}
+HINTS = {"KL(π ‖ π_ref)": " <code>dpokit eval RUN --prompts FILE</code> estimates it on samples."}
 W, H = 440, 250
 LEFT, RIGHT, TOP, BOTTOM = 58, 12, 12, 34
 
@@ -96,7 +97,7 @@ def _chart(title: str, names: list[str], series: dict, colors: dict[str, str]) -
     e = html.escape
     if not names:
         return (f'<figure class="panel empty"><figcaption>{e(title)}</figcaption>'
-                f'<p>Not logged in this run.</p></figure>')
+                f'<p>Not logged in this run.{HINTS.get(title, "")}</p></figure>')
     pts = [p for n in names for p in series[n]]
     x0, x1 = min(p[0] for p in pts), max(p[0] for p in pts)
     y0, y1 = min(p[1] for p in pts), max(p[1] for p in pts)
@@ -131,7 +132,8 @@ def _chart(title: str, names: list[str], series: dict, colors: dict[str, str]) -
                 parts.append(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="{3 if is_eval else 2}" fill="{color}">'
                              f'<title>{e(name)} at step {_fmt(x)}: {y:.6g}</title></circle>')
     parts.append("</svg>")
-    legend = "".join(f'<span class="key"><i style="background:{colors[n]}"></i>{e(n)} '
+    legend = "".join(f'<span class="key"><i style="border-top:3px {"dashed" if n.startswith("eval_") else "solid"} '
+                     f'{colors[n]}"></i>{e(n)} '
                      f'<b>{series[n][-1][1]:.4g}</b></span>' for n in names)
     return (f'<figure class="panel" data-title="{e(title)}"><figcaption>{e(title)}</figcaption>'
             f'{"".join(parts)}<div class="legend">{legend}</div></figure>')
@@ -146,7 +148,7 @@ h1{font-size:20px;margin:0 0 4px} .meta{color:#555;margin:0 0 16px}
 svg .plot{fill:#fafafa;stroke:#ccc} svg .grid{stroke:#e6e6e6} svg .tick{font-size:10px;fill:#555}
 svg .axis{font-size:11px;fill:#555} svg .series{fill:none;stroke-width:2;stroke-linejoin:round}
 .legend{font-size:12px;display:flex;flex-wrap:wrap;gap:4px 12px}
-.key i{display:inline-block;width:12px;height:3px;margin-right:4px;vertical-align:middle}
+.key i{display:inline-block;width:16px;height:0;margin-right:4px;vertical-align:middle}
 table{border-collapse:collapse;font-size:13px;margin:0 0 16px} td,th{padding:2px 10px;text-align:left}
 th{border-bottom:1px solid #ccc}
 """
@@ -157,8 +159,9 @@ def render_report(rows: list[dict], title: str, config: dict | None = None) -> s
     names = list(series)
     colors, panel_html = {}, []
     for panel_title, keys in _panels(series):
-        for i, k in enumerate(keys):
-            colors[k] = PALETTE[i % len(PALETTE)]
+        bases = list(dict.fromkeys(k.removeprefix("eval_") for k in keys))  # a metric and its eval_ twin: one colour
+        for k in keys:
+            colors[k] = PALETTE[bases.index(k.removeprefix("eval_")) % len(PALETTE)]
         panel_html.append(_chart(panel_title, keys, series, colors))
     e = html.escape
     cfg = config or {}
