@@ -15,6 +15,13 @@ def _train(args) -> None:
     from .train import train
 
     cfg = load_config(args.config, args.overrides)
+    if cfg.online:
+        from .online import run_online
+
+        online = run_online(cfg)
+        print(f"online DPO: {len(online.rounds) - 1} rounds; final policy in {online.policy}; "
+              f"per-round log in {online.output_dir / 'online.jsonl'}")
+        return
     result = train(cfg)
     print(f"trained {result.global_step} steps; model and metrics in {result.output_dir}")
 

@@ -59,6 +59,12 @@ class TrainConfig:
     report_to: list[str] = field(default_factory=lambda: ["jsonl"])
     disable_tqdm: bool = False
     precompute_ref_log_probs: bool = True  # reference log-probs computed once, cached on disk
+    # --- online DPO sampling (TRL OnlineDPOConfig names; num_generations from GRPOConfig) ---
+    num_generations: int = 4  # replies sampled per prompt; the judge's best vs worst makes the pair
+    max_new_tokens: int = 64
+    temperature: float = 0.9
+    top_p: float = 1.0
+    missing_eos_penalty: float | None = None  # subtracted from the judge's score of a reply with no EOS
     # --- dpokit: model and data ---
     model: str = ""
     ref_model: str | None = None  # None: a frozen copy of `model` (or the base weights, with LoRA)
@@ -77,6 +83,12 @@ class TrainConfig:
     pack_tokens: int = 2048  # at most this many tokens in one packed row
     logits_chunk_size: int = 1024  # LM-head log-probs this many tokens at a time
     ref_cache_dir: str | None = None  # default: ~/.cache/dpokit/ref-logps
+    # --- dpokit: online / iterative DPO (dpokit.online) ---
+    online: bool = False  # each round: sample from the policy, judge, train on the new pairs
+    online_rounds: int = 3
+    online_prompts: str | None = None  # prompts to sample for (default: the prompts of train_data)
+    online_min_gap: float = 0.0  # keep a pair when best - worst judge score >= this (ties never)
+    judge: dict[str, Any] | str | None = None  # a dpokit.judges.load_judge spec, e.g. {type: reward_model, model: rm}
 
     def __post_init__(self):
         if isinstance(self.loss_type, str) and "," in self.loss_type:

@@ -1,6 +1,7 @@
 """`dpokit data ...`: build pairs from raw data, check a data file, score prompt-injection attacks.
 
     dpokit data build votes|ratings|rankings|injection|hierarchy IN OUT [options]
+    dpokit data build judge PROMPTS OUT --model M --judge SPEC [--k 4] [--min-gap G]
     dpokit data validate FILE [--model M] [--max-length N] [--max-prompt-length N] [--json]
     dpokit data asr MODEL EVAL_FILE [--max-new-tokens N] [--match contains|startswith]
 
@@ -13,9 +14,9 @@ import argparse
 import json
 
 from ..errors import DpokitError
-from . import hierarchy, injection, ratings, rankings, votes
+from . import hierarchy, injection, judge, ratings, rankings, votes
 
-RECIPES = {m.NAME: m for m in (votes, ratings, rankings, injection, hierarchy)}
+RECIPES = {m.NAME: m for m in (votes, ratings, rankings, injection, hierarchy, judge)}
 
 
 def register(subparsers) -> None:
