@@ -4,9 +4,10 @@ Four ways to get a reference: none (reference-free), a separate model path, the 
 own base weights with LoRA adapters switched off (no second copy), or a frozen copy of the
 policy's starting weights. With `precompute_ref_log_probs` (the default) the reference runs
 once over the data before training; its log-probs are stored under a key made from the
-reference weights, the encoded examples (which covers tokenizer, data and truncation) and
-the dtype, then reused by later epochs and later runs. The reference is not kept in memory
-while the policy trains.
+reference weights and config, the encoded examples (which covers tokenizer, data and
+truncation), the dtype and the loop's autocast, then reused by later epochs and later runs;
+any change to one of them is a miss. The reference is not kept in memory while the policy
+trains.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
+import json
 import logging
 import os
 from pathlib import Path
@@ -27,8 +29,19 @@ log = logging.getLogger("dpokit")
 CACHE_VERSION = b"dpokit-ref-logps-v1"
 
 
+# Config keys that never change a log-prob: names, versions, generation and output switches.
+_CONFIG_NOISE = {"_name_or_path", "transformers_version", "dtype", "torch_dtype", "use_cache", "output_attentions",
+                 "output_hidden_states", "return_dict", "architectures", "_attn_implementation_autoset"}
+
+
 def weights_fingerprint(model: nn.Module, skip_lora: bool = False) -> str:
+    """The reference's weights *and* its config: rope, norm epsilons, logit scaling or softcapping change
+    log-probs without changing a weight."""
     h = hashlib.blake2b(digest_size=16)
+    config = getattr(model, "config", None)
+    if hasattr(config, "to_dict"):
+        settings = {k: v for k, v in config.to_dict().items() if k not in _CONFIG_NOISE}
+        h.update(json.dumps(settings, sort_keys=True, default=str).encode())
     for name, tensor in sorted(model.state_dict().items()):
         if skip_lora and "lora_" in name:
             continue
@@ -92,12 +105,20 @@ def build_reference(cfg, family, policy_model: nn.Module, device) -> Reference:
     return Reference(family.scorer(frozen, cfg))
 
 
+def _bf16_autocast(cfg) -> bool:
+    """Whether the loop runs under bf16 autocast (as `train._accelerator` decides)."""
+    if cfg.bf16 is not None:
+        return bool(cfg.bf16)
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
 def cache_path(cfg, reference: Reference, examples: list) -> Path:
     root = Path(cfg.ref_cache_dir or os.environ.get("DPOKIT_CACHE", Path.home() / ".cache" / "dpokit")) / "ref-logps"
     h = hashlib.blake2b(CACHE_VERSION, digest_size=16)
     h.update(reference.fingerprint().encode())
     h.update(examples_fingerprint(examples).encode())
     h.update(cfg.dtype.encode())
+    h.update(f"bf16-autocast={_bf16_autocast(cfg)}".encode())  # the loop's mixed precision changes log-probs too
     return root / f"{h.hexdigest()}.safetensors"
 
 

@@ -1,18 +1,21 @@
 """Hugging Face causal language models as a model family.
 
 Batch layout. Each pair becomes one block `[prompt | chosen | rejected]` (share_prompt) or
-two blocks `[prompt | chosen]`, `[prompt | rejected]`. Blocks are packed into rows with no
-padding between them (padding_free) or one block per padded row. With sharing, rejected
-tokens take positions that continue from the prompt and may not attend to chosen tokens,
-so each completion sees exactly the context it would see alone: the log-probs equal the
-unshared computation. Every target token carries the flat index of the hidden state that
-predicts it and the segment (chosen i or rejected i) it is summed into, so one scorer
-handles every layout.
+two blocks `[prompt | chosen]`, `[prompt | rejected]`. With sharing, rejected tokens take
+positions that continue from the prompt and may not attend to chosen tokens, so each
+completion sees exactly the context it would see alone: the log-probs equal the unshared
+computation. By default (padding_free) the blocks of a batch lie end to end in one row with
+no padding, and attention runs block by block (see "attention block by block" below), so
+no token attends across blocks and attention costs the sum of squared block lengths.
+Every target token carries the flat index of the hidden state that predicts it and the
+segment (chosen i or rejected i) it is summed into, so one scorer handles every layout.
+The LM head runs only on those hidden states, `logits_chunk_size` at a time.
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Any
 
 import torch
@@ -78,58 +81,68 @@ def apply_lora(model: nn.Module, lora: dict) -> nn.Module:
 # ---------------------------------------------------------------- batches
 
 
-def _blocks(ex: Example, share_prompt: bool) -> list[tuple[list[int], list[int], list[int], int]]:
-    """(tokens, positions, parts) for one pair, plus the pair's index placeholder."""
+def _blocks(ex: Example, share_prompt: bool) -> list[tuple[list[int], int, int, int]]:
+    """One pair as blocks of (tokens, prompt, chosen, rejected lengths): [p|c|r] or [p|c], [p|r]."""
     p, c, r = ex.prompt_ids, ex.chosen_ids, ex.rejected_ids
-    P, C, R = len(p), len(c), len(r)
     if share_prompt:
-        tokens = p + c + r
-        positions = list(range(P + C)) + list(range(P, P + R))
-        parts = [PROMPT] * P + [CHOSEN] * C + [REJECTED] * R
-        return [(tokens, positions, parts)]
-    return [
-        (p + c, list(range(P + C)), [PROMPT] * P + [CHOSEN] * C),
-        (p + r, list(range(P + R)), [PROMPT] * P + [REJECTED] * R),
-    ]
+        return [(p + c + r, len(p), len(c), len(r))]
+    return [(p + c, len(p), len(c), 0), (p + r, len(p), 0, len(r))]
+
+
+def _targets(P: int, C: int, R: int, base: int, pred: list, target: list, seg: list, tokens: list,
+             chosen_seg: int, rejected_seg: int) -> None:
+    """Which hidden state predicts which completion token, for one block starting at flat index `base`.
+    The last prompt token predicts each completion's first token; with no prompt (tokenization can
+    merge the boundary away) the first completion token has nothing before it and is not scored, as in TRL."""
+    for start, n, segment in ((P, C, chosen_seg), (P + C, R, rejected_seg)):
+        if n == 0:
+            continue
+        sources = ([P - 1] if P > 0 else []) + list(range(start, start + n - 1))
+        pred.extend(base + s for s in sources)
+        target.extend(tokens[start + n - len(sources):start + n])
+        seg.extend([segment] * len(sources))
 
 
 def collate(examples: list[Example], pad_token_id: int, share_prompt: bool = True, padding_free: bool = True,
             pack_tokens: int = 2048, attn_implementation: str = "sdpa") -> dict[str, torch.Tensor]:
+    """Examples → one batch. Three layouts:
+
+    - blocks (padding_free with sdpa or eager attention, the default): every block of the batch in one
+      row with no padding at all; `block_sizes` tells the scorer where blocks are, and attention runs
+      block by block (`_block_attention`), so it costs sum(block²) rather than row².
+    - packed rows with a 4D mask (padding_free with another attention): blocks packed into rows of at
+      most `pack_tokens`, a [rows, 1, T, T] block-diagonal causal mask.
+    - padded rows (padding_free off): one block per row; with share_prompt a 4D mask keeps rejected
+      blind to chosen, without it the plain causal mask of the library (TRL's layout).
+    """
     B = len(examples)
-    rows: list[list[tuple]] = []  # each row: list of (pair index, block)
-    for i, ex in enumerate(examples):
-        for block in _blocks(ex, share_prompt):
-            n = len(block[0])
-            if padding_free and rows and sum(len(b[0]) for _, b in rows[-1]) + n <= pack_tokens:
-                rows[-1].append((i, block))
-            else:
-                rows.append([(i, block)])
-    T = max(sum(len(b[0]) for _, b in row) for row in rows)
+    blocks = [(i, blk) for i, ex in enumerate(examples) for blk in _blocks(ex, share_prompt)]
+    one_row = padding_free and attn_implementation in BLOCK_ATTENTION_INNER
+    rows: list[list[tuple]] = []
+    for i, blk in blocks:
+        n = len(blk[0])
+        if padding_free and rows and (one_row or rows[-1][0] + n <= pack_tokens):
+            rows[-1][0] += n
+            rows[-1][1].append((i, blk))
+        else:
+            rows.append([n, [(i, blk)]])
+    T = max(n for n, _ in rows)
     input_ids = torch.full((len(rows), T), pad_token_id, dtype=torch.long)
     position_ids = torch.zeros((len(rows), T), dtype=torch.long)
     block_id = torch.full((len(rows), T), -1, dtype=torch.long)
     part = torch.full((len(rows), T), -1, dtype=torch.long)
-    pred, target, seg = [], [], []
-    n_block = 0
-    for r, row in enumerate(rows):
+    pred, target, seg, sizes = [], [], [], []
+    for r, (_, row) in enumerate(rows):
         offset = 0
-        for i, (tokens, positions, parts) in row:
-            n = len(tokens)
+        for i, (tokens, P, C, R) in row:
+            n = P + C + R
             input_ids[r, offset:offset + n] = torch.tensor(tokens)
-            position_ids[r, offset:offset + n] = torch.tensor(positions)
-            part[r, offset:offset + n] = torch.tensor(parts)
-            block_id[r, offset:offset + n] = n_block
-            n_block += 1
-            base = r * T + offset
-            prompt_end = parts.count(PROMPT)  # the last prompt token predicts each completion's first token
-            for side in (CHOSEN, REJECTED):
-                idx = [k for k, q in enumerate(parts) if q == side]
-                if not idx:
-                    continue
-                sources = [prompt_end - 1] + idx[:-1]
-                pred.extend(base + s for s in sources)
-                target.extend(tokens[k] for k in idx)
-                seg.extend([i if side == CHOSEN else B + i] * len(idx))
+            # rejected tokens continue from the prompt's positions, as if chosen were not there
+            position_ids[r, offset:offset + n] = torch.cat([torch.arange(P + C), torch.arange(P, P + R)])
+            part[r, offset:offset + n] = torch.tensor([PROMPT] * P + [CHOSEN] * C + [REJECTED] * R)
+            block_id[r, offset:offset + n] = len(sizes)
+            sizes.append((P, C, R))
+            _targets(P, C, R, r * T + offset, pred, target, seg, tokens, i, B + i)
             offset += n
     batch = {
         "input_ids": input_ids,
@@ -140,7 +153,9 @@ def collate(examples: list[Example], pad_token_id: int, share_prompt: bool = Tru
         "weight": torch.tensor([ex.weight for ex in examples], dtype=torch.float32),
         "margin": torch.tensor([ex.margin for ex in examples], dtype=torch.float32),
     }
-    if not share_prompt and not padding_free:
+    if one_row:
+        batch["block_sizes"] = torch.tensor(sizes, dtype=torch.long)
+    elif not share_prompt and not padding_free:
         batch["attention_mask"] = (block_id >= 0).long()  # plain padded rows: the library's own causal mask
     else:
         batch["attention_mask"] = _block_mask(block_id, part, attn_implementation)
@@ -161,6 +176,98 @@ def _block_mask(block_id: torch.Tensor, part: torch.Tensor, attn_implementation:
     return torch.zeros(allowed.shape).masked_fill_(~allowed, torch.finfo(torch.float32).min)
 
 
+# ---------------------------------------------------------------- attention block by block
+#
+# Packing many blocks into one row and masking across them makes attention cost row² while
+# only sum(block²) is needed: with 8 pairs of ~200 tokens that is 8x the attention work, as
+# much as the rest of the model. Instead the model runs with an attention function that
+# transformers dispatches to by name (its AttentionInterface): given the blocks, it calls
+# the model's own sdpa or eager attention once per block with that block's small mask, so
+# the linear layers see one unpadded row and attention never looks across blocks. Without
+# blocks (generation, plain padded batches) it is exactly the model's own attention.
+
+BLOCK_ATTENTION_INNER = ("sdpa", "eager")
+
+
+def _inner_attention(module: nn.Module, inner: str):
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if inner == "eager":  # each modeling file has its own eager function (softcapping, sinks, ...)
+        own = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+        if own is None:
+            from transformers.models.llama.modeling_llama import eager_attention_forward as own
+        return own
+    return ALL_ATTENTION_FUNCTIONS[inner]
+
+
+def _block_attention(inner: str):
+    def attention(module, query, key, value, attention_mask, dpokit_blocks=None, **kwargs):
+        fn = _inner_attention(module, inner)
+        if dpokit_blocks is None:
+            return fn(module, query, key, value, attention_mask, **kwargs)
+        lengths, positions = dpokit_blocks
+        window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))  # Mistral, Gemma, ...
+        # split, not slicing: its backward is one concatenation, where each slice's would be a zeroed full-size
+        # gradient (per block, per tensor, per layer) summed afterwards.
+        pieces = zip(query.split(lengths, dim=2), key.split(lengths, dim=2), value.split(lengths, dim=2))
+        outs = []
+        for b, (q, k, v) in enumerate(pieces):
+            n = lengths[b]
+            mask = attention_mask[b:b + 1, :, :n, :n]
+            if window is not None and n > window:
+                pos = positions[b, :n]
+                near = (pos[:, None] - pos[None, :]) < window
+                mask = mask & near if mask.dtype == torch.bool else mask.masked_fill(~near, torch.finfo(mask.dtype).min)
+            out, _ = fn(module, q, k, v, mask, **kwargs)
+            outs.append(out)
+        return torch.cat(outs, dim=1), None
+
+    return attention
+
+
+def use_block_attention(model: nn.Module) -> bool:
+    """Switch `model` to block attention around its current sdpa/eager; False if it cannot be."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    config = getattr(model, "config", None)
+    current = getattr(config, "_attn_implementation", None)
+    if current is not None and current.startswith("dpokit_blocks_"):
+        return True
+    if current not in BLOCK_ATTENTION_INNER or not getattr(model, "_supports_attention_backend", False):
+        return False
+    name = f"dpokit_blocks_{current}"
+    AttentionInterface.register(name, _block_attention(current))
+    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[current])  # the usual masks without blocks
+    model.set_attn_implementation(name)
+    return True
+
+
+def _blocks_kwargs(batch: dict[str, torch.Tensor], dtype: torch.dtype, inner: str):
+    """The per-block masks (stacked, padded to the longest block) and the blocks' lengths and positions."""
+    sizes = batch["block_sizes"]
+    P, C, R = sizes[:, 0:1], sizes[:, 1:2], sizes[:, 2:3]
+    lengths = (P + C + R).squeeze(1)
+    L = int(lengths.max())
+    idx = torch.arange(L, device=sizes.device)[None, :]
+    part = (idx >= P).long() + (idx >= P + C).long()  # 0 prompt, 1 chosen, 2 rejected (and padding)
+    positions = torch.where(part == 2, idx - C, idx)
+    causal = idx[:, :, None] >= idx[:, None, :]
+    allowed = causal & ~((part[:, :, None] == REJECTED) & (part[:, None, :] == CHOSEN))
+    mask = allowed[:, None]
+    if inner == "eager":
+        mask = torch.zeros(mask.shape, dtype=dtype, device=sizes.device).masked_fill_(~mask, torch.finfo(dtype).min)
+    return mask, (lengths.tolist(), positions)
+
+
+def _row_mask(sizes: torch.Tensor, attn_implementation: str) -> torch.Tensor:
+    """The [1, 1, N, N] mask of a one-row block batch, for models without block attention."""
+    block_id = torch.repeat_interleave(torch.arange(len(sizes), device=sizes.device), sizes.sum(1))[None]
+    parts = torch.tensor([PROMPT, CHOSEN, REJECTED], device=sizes.device).repeat(len(sizes))
+    part = torch.repeat_interleave(parts, sizes.flatten())[None]
+    return _block_mask(block_id, part, attn_implementation)
+
+
 # ---------------------------------------------------------------- scoring
 
 
@@ -177,7 +284,9 @@ def _logit_scale(config) -> float:
 
 
 def _token_logps(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, scale: float, softcap: float | None):
-    logits = head(hidden).float()
+    logits = head(hidden)
+    if logits.dtype not in (torch.float32, torch.float64):
+        logits = logits.float()  # log-softmax in at least fp32
     if scale != 1.0:
         logits = logits * scale
     if softcap:
@@ -194,17 +303,33 @@ class CausalLMScorer(nn.Module):
         self.model = model
         self.chunk_size = chunk_size
 
+    def _base(self) -> nn.Module:
+        return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+
     def _parts(self):
-        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        base = self._base()
         return (base.get_decoder(), base.get_output_embeddings(), _logit_scale(base.config),
                 getattr(base.config, "final_logit_softcapping", None))
 
+    def _decode(self, decoder, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if "block_sizes" not in batch:
+            return decoder(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                           attention_mask=batch["attention_mask"], use_cache=False).last_hidden_state
+        config = decoder.config
+        if not use_block_attention(self._base()):
+            # A model that does not dispatch through the AttentionInterface: one row, one big mask.
+            mask = _row_mask(batch["block_sizes"], config._attn_implementation)
+            return decoder(input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=mask,
+                           use_cache=False).last_hidden_state
+        inner = config._attn_implementation.removeprefix("dpokit_blocks_")
+        mask, blocks = _blocks_kwargs(batch, decoder.get_input_embeddings().weight.dtype, inner)
+        # The stacked block masks are 4D, so transformers hands them to the attention untouched.
+        return decoder(input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=mask,
+                       use_cache=False, dpokit_blocks=blocks).last_hidden_state
+
     def forward(self, batch: dict[str, torch.Tensor]) -> LogpTerms:
         decoder, head, scale, softcap = self._parts()
-        hidden = decoder(
-            input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-            attention_mask=batch["attention_mask"], use_cache=False,
-        ).last_hidden_state
+        hidden = self._decode(decoder, batch)
         hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch["pred_index"])
         targets = batch["target_ids"]
         n = targets.shape[0]
