@@ -95,8 +95,14 @@ def _data(args) -> None:
     run(args)
 
 
+def _bench(args) -> None:
+    from .bench import run_bench
+
+    run_bench(args)
+
+
 COMMANDS = {"train": _train, "demo": _demo, "tiny-model": _tiny_model, "eval": _eval, "score": _score,
-            "report": _report, "data": _data}
+            "report": _report, "data": _data, "bench": _bench}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -145,6 +151,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--json", action="store_true", help="print the result as JSON")
     p = sub.add_parser("report", help="(re)write report.html in a run's output dir from its metrics.jsonl")
     p.add_argument("output_dir")
+    p = sub.add_parser("bench", help="dpokit and TRL's DPOTrainer side by side on the same tiny model and data: "
+                                     "pairs/s, tokens/s, peak RSS, fraction of the matmul peak")
+    from .bench import add_arguments as bench_arguments
+
+    bench_arguments(p)
     from .recipes.cli import register as register_data
 
     register_data(sub)  # dpokit data build|validate|asr

@@ -1,0 +1,436 @@
+"""`dpokit bench`: dpokit and TRL's DPOTrainer side by side, same model, data and settings.
+
+One invocation builds everything with no downloads: a byte-level BPE tokenizer trained on
+the data (`dpokit.tiny`) and a randomly initialised Llama (hidden 256, intermediate 688,
+4 layers, 4 heads by default), saved once so both trainers start from the same weights.
+The data is Anthropic HH harmless (`../shared/data/hh-harmless/pairs.jsonl`) when present,
+split at the last assistant turn and handed to both trainers as the same explicit
+prompt/chosen/rejected rows; otherwise, or for a prompt-length sweep, a synthetic set with
+HH's completion lengths.
+
+Each run is a fresh subprocess, so one trainer's memory never pollutes the other's peak
+RSS, and dpokit and TRL runs alternate so a change of load on a shared machine hits both.
+The timed part is what one epoch costs from a cold start: for dpokit the reference
+log-probs (computed and cached; the cache starts empty on every run) plus the training
+epoch; for TRL `trainer.train()` with its defaults (reference model held in memory and run
+at every step). Model loading and tokenization are timed separately ("setup").
+
+Useful work is 8 x parameters x distinct tokens (policy forward + backward = 6, reference
+forward = 2); the fraction of the hardware limit is that over the time, over an fp32
+matmul peak measured on the spot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "hh-harmless" / "pairs.jsonl"
+# HH harmless, as tokenized by an 8,000-token BPE trained on it: mean prompt 114, chosen 38, rejected 51.
+SYNTH_PROMPT, SYNTH_CHOSEN, SYNTH_REJECTED = 114, 38, 51
+
+
+@dataclass
+class Settings:
+    pairs: int = 256
+    batch_size: int = 8
+    max_length: int | None = 512
+    learning_rate: float = 5e-4
+    vocab_size: int = 8000
+    hidden_size: int = 256
+    intermediate_size: int = 688
+    num_layers: int = 4
+    num_heads: int = 4
+    seed: int = 0
+    threads: int | None = None  # torch intra-op threads in each run; None: torch's default
+
+
+# ---------------------------------------------------------------- data and model
+
+
+def _find_data(path: str | None) -> Path | None:
+    if path:
+        p = Path(path)
+        if not p.exists():
+            from .errors import DpokitError
+            raise DpokitError(f"{p}: no such data file")
+        return p
+    for candidate in (Path.cwd() / ".." / "shared" / "data" / "hh-harmless" / "pairs.jsonl", DEFAULT_DATA):
+        if candidate.exists():
+            return candidate.resolve()
+    return None
+
+
+def _real_rows(path: Path) -> list[dict]:
+    """HH rows split into explicit prompt/chosen/rejected; rows dpokit would reject are left out."""
+    from .data.formats import RowProblem, row_to_pair
+    from .data.readers import read_rows
+
+    rows = []
+    for _, row in read_rows(str(path)):
+        try:
+            pair = row_to_pair(row)
+        except RowProblem:
+            continue
+        rows.append({"prompt": pair.prompt, "chosen": pair.chosen, "rejected": pair.rejected})
+    return rows
+
+
+_WORDS = None
+
+
+def _synthetic_text(rng: random.Random, n_words: int) -> str:
+    global _WORDS
+    if _WORDS is None:
+        g = random.Random(1234)
+        letters = "etaoinshrdlcumwfgypbvk"
+        _WORDS = ["".join(g.choice(letters) for _ in range(g.randint(2, 8))) for _ in range(3000)]
+    return " " + " ".join(rng.choice(_WORDS) for _ in range(n_words))
+
+
+def _synthetic_rows(n: int, prompt_tokens: int, seed: int) -> list[dict]:
+    """Pairs with a given mean prompt length (in words at first; cut to tokens once a tokenizer exists)."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        p = max(4, int(rng.gauss(prompt_tokens, prompt_tokens / 4)))
+        c = max(2, int(rng.expovariate(1 / SYNTH_CHOSEN)))
+        r = max(2, int(rng.expovariate(1 / SYNTH_REJECTED)))
+        # Twice the words, cut to tokens later: words are 1-3 tokens each.
+        rows.append({"prompt": "\n\nHuman:" + _synthetic_text(rng, 2 * p) + "\n\nAssistant:",
+                     "chosen": _synthetic_text(rng, 2 * c), "rejected": _synthetic_text(rng, 2 * r),
+                     "_lens": (p, c, r)})
+    return rows
+
+
+def _cut_to_tokens(rows: list[dict], tokenizer) -> list[dict]:
+    out = []
+    for row in rows:
+        p, c, r = row.pop("_lens")
+        body = row["prompt"][len("\n\nHuman:"):-len("\n\nAssistant:")]
+        ids = tokenizer(body)["input_ids"][:max(1, p - 8)]
+        prompt = "\n\nHuman:" + tokenizer.decode(ids) + "\n\nAssistant:"
+        chosen = " " + tokenizer.decode(tokenizer(row["chosen"])["input_ids"][:c]).strip()
+        rejected = " " + tokenizer.decode(tokenizer(row["rejected"])["input_ids"][:r]).strip()
+        if chosen.strip() and rejected.strip() and chosen != rejected:
+            out.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    return out
+
+
+def prepare(workdir: Path, s: Settings, data: Path | None, prompt_tokens: int | None) -> dict:
+    """Tokenizer, model and pairs written under `workdir`; returns what they are."""
+    import torch
+
+    from .tiny import build_llama, build_tokenizer
+
+    synthetic = data is None or prompt_tokens is not None
+    if synthetic:
+        rows = _synthetic_rows(s.pairs + s.pairs // 8 + 8, prompt_tokens or SYNTH_PROMPT, s.seed)
+        corpus = [r["prompt"] + r["chosen"] for r in rows] + [r["rejected"] for r in rows]
+    else:
+        rows = _real_rows(data)
+        corpus = [r["prompt"] + r["chosen"] for r in rows] + [r["prompt"] + r["rejected"] for r in rows]
+    tokenizer = build_tokenizer(corpus, vocab_size=s.vocab_size)
+    if synthetic:
+        rows = _cut_to_tokens(rows, tokenizer)
+    # Only pairs both trainers keep: the prompt must leave room for a completion within max_length.
+    from .data.formats import row_to_pair
+    from .data.tokenize import tokenize_pair
+    from .data.formats import RowProblem
+
+    kept, lens = [], []
+    for row in rows:
+        try:
+            ex = tokenize_pair(row_to_pair(row), tokenizer, s.max_length, None)
+        except RowProblem:
+            continue
+        kept.append(row)
+        lens.append((len(ex.prompt_ids), len(ex.chosen_ids), len(ex.rejected_ids)))
+        if len(kept) == s.pairs:
+            break
+    max_pos = max(p + max(c, r) for p, c, r in lens) + 8
+    model = build_llama(tokenizer, hidden_size=s.hidden_size, num_layers=s.num_layers, num_heads=s.num_heads,
+                        intermediate_size=s.intermediate_size, max_position_embeddings=max(2048, max_pos),
+                        seed=s.seed)
+    model.save_pretrained(workdir / "model")
+    tokenizer.save_pretrained(workdir / "model")
+    pairs = workdir / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    n_params = sum(p.numel() for p in model.parameters())
+    del model
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    n = len(lens)
+    return {
+        "data": "synthetic" if synthetic else str(data),
+        "pairs": n,
+        "params": n_params,
+        "distinct_tokens": sum(p + c + r for p, c, r in lens),
+        "mean_prompt": sum(x[0] for x in lens) / n,
+        "mean_chosen": sum(x[1] for x in lens) / n,
+        "mean_rejected": sum(x[2] for x in lens) / n,
+    }
+
+
+# ---------------------------------------------------------------- the two workers (each in its own process)
+
+
+def _usage() -> dict:
+    u = resource.getrusage(resource.RUSAGE_SELF)
+    return {"peak_rss_mb": u.ru_maxrss / 1024, "cpu_s": u.ru_utime + u.ru_stime}  # Linux reports KiB
+
+
+def _work_dpokit(workdir: Path, s: Settings, overrides: dict) -> dict:
+    import importlib
+
+    train_mod = importlib.import_module("dpokit.train")  # the module, not the `train` function dpokit exports
+    from .config import TrainConfig
+
+    run_dir = Path(tempfile.mkdtemp(dir=workdir))
+    cfg = TrainConfig(
+        model=str(workdir / "model"), train_data=str(workdir / "pairs.jsonl"),
+        per_device_train_batch_size=s.batch_size, max_length=s.max_length, max_prompt_length=None,
+        learning_rate=s.learning_rate, num_train_epochs=1, dtype="float32", bf16=False, seed=s.seed,
+        output_dir=str(run_dir / "out"), ref_cache_dir=str(run_dir / "cache"), disable_tqdm=True,
+        logging_steps=10, save_steps=0, **overrides,
+    )
+    ref_seconds = ref_cpu = 0.0
+    precompute = train_mod.Loop._precompute
+
+    def timed_precompute(*a, **k):
+        nonlocal ref_seconds, ref_cpu
+        t, c = time.perf_counter(), time.process_time()
+        out = precompute(*a, **k)
+        ref_seconds += time.perf_counter() - t
+        ref_cpu += time.process_time() - c
+        return out
+
+    train_mod.Loop._precompute = timed_precompute
+    t0 = time.perf_counter()
+    loop = train_mod.Loop(cfg)
+    t1, c1 = time.perf_counter(), time.process_time()
+    loop.run()
+    t2, c2 = time.perf_counter(), time.process_time()
+    return {"setup_s": t1 - t0 - ref_seconds, "ref_s": ref_seconds, "seconds": ref_seconds + t2 - t1,
+            "wall_s": t2 - t0, "train_cpu_s": ref_cpu + c2 - c1}
+
+
+def _work_trl(workdir: Path, s: Settings, overrides: dict) -> dict:
+    from datasets import load_dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    run_dir = Path(tempfile.mkdtemp(dir=workdir))
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(workdir / "model", dtype="float32")
+    tokenizer = AutoTokenizer.from_pretrained(workdir / "model")
+    dataset = load_dataset("json", data_files=str(workdir / "pairs.jsonl"), split="train",
+                           cache_dir=str(run_dir / "hf"))
+    args = DPOConfig(
+        output_dir=str(run_dir / "out"), per_device_train_batch_size=s.batch_size, max_length=s.max_length,
+        learning_rate=s.learning_rate, num_train_epochs=1, bf16=False, fp16=False, use_cpu=True, seed=s.seed,
+        report_to="none", save_strategy="no", logging_steps=10, disable_tqdm=True, dataloader_num_workers=0,
+        **overrides,
+    )
+    trainer = DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+    t1, c1 = time.perf_counter(), time.process_time()
+    trainer.train()
+    t2, c2 = time.perf_counter(), time.process_time()
+    return {"setup_s": t1 - t0, "ref_s": None, "seconds": t2 - t1, "wall_s": t2 - t0, "train_cpu_s": c2 - c1}
+
+
+def worker(kind: str, workdir: str, settings: dict, overrides: dict) -> None:
+    import logging
+
+    logging.disable(logging.WARNING)
+    s = Settings(**settings)
+    if s.threads:
+        import torch
+
+        torch.set_num_threads(s.threads)
+    work = _work_dpokit if kind == "dpokit" else _work_trl
+    out = work(Path(workdir), s, overrides)
+    import torch
+
+    out.update(threads=torch.get_num_threads(), **_usage())
+    print("BENCH " + json.dumps(out), flush=True)
+
+
+def _spawn(kind: str, workdir: Path, s: Settings, overrides: dict) -> dict:
+    code = ("import json, sys; from dpokit.bench import worker; "
+            "worker(sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), json.loads(sys.argv[4]))")
+    proc = subprocess.run([sys.executable, "-c", code, kind, str(workdir), json.dumps(s.__dict__),
+                           json.dumps(overrides)], capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH ")]
+    if proc.returncode != 0 or not lines:
+        from .errors import DpokitError
+        tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
+        raise DpokitError(f"the {kind} benchmark run failed (exit {proc.returncode}):\n{tail}")
+    return json.loads(lines[-1][len("BENCH "):])
+
+
+# ---------------------------------------------------------------- the hardware limit
+
+
+def matmul_peak_gflops(n: int = 1024, seconds: float = 1.0) -> float:
+    """Best fp32 GFLOP/s of an n x n matmul on this machine, with torch's thread count."""
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(3):
+        a @ b
+    best = 0.0
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        t = time.perf_counter()
+        for _ in range(4):
+            a @ b
+        best = max(best, 4 * 2 * n ** 3 / (time.perf_counter() - t) / 1e9)
+    return best
+
+
+# ---------------------------------------------------------------- the comparison
+
+
+def _summary(runs: list[dict], info: dict, peak: float) -> dict:
+    secs = [r["seconds"] for r in runs]
+    med = statistics.median(secs)
+    useful = 8 * info["params"] * info["distinct_tokens"]
+    return {
+        "seconds": med, "min_s": min(secs), "max_s": max(secs),
+        "pairs_per_s": info["pairs"] / med, "pairs_per_s_min": info["pairs"] / max(secs),
+        "pairs_per_s_max": info["pairs"] / min(secs),
+        "tokens_per_s": info["distinct_tokens"] / med,
+        "cpu_s": statistics.median(r["train_cpu_s"] for r in runs),
+        "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
+        "setup_s": statistics.median(r["setup_s"] for r in runs),
+        "ref_s": statistics.median(r["ref_s"] for r in runs) if runs[0]["ref_s"] is not None else None,
+        "hw_fraction": useful / med / (peak * 1e9),
+        "runs": runs,
+    }
+
+
+def _load() -> str:
+    return " ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def compare(s: Settings, repeats: int, data: Path | None, prompt_tokens: int | None = None,
+            dpokit_overrides: dict | None = None, trl_overrides: dict | None = None, peak: float | None = None,
+            say=print) -> dict:
+    """Both trainers `repeats` times each, alternating which goes first; the median of each."""
+    with tempfile.TemporaryDirectory(prefix="dpokit-bench-") as tmp:
+        work = Path(tmp)
+        info = prepare(work, s, data, prompt_tokens)
+        say(f"data: {info['data']}, {info['pairs']} pairs, mean prompt {info['mean_prompt']:.0f} / chosen "
+            f"{info['mean_chosen']:.0f} / rejected {info['mean_rejected']:.0f} tokens "
+            f"({info['distinct_tokens']} distinct); model {info['params'] / 1e6:.2f}M parameters; "
+            f"batch {s.batch_size}, max_length {s.max_length}, lr {s.learning_rate}, fp32, one epoch")
+        runs: dict[str, list] = {"dpokit": [], "trl": []}
+        for i in range(repeats):
+            for kind in (("dpokit", "trl") if i % 2 == 0 else ("trl", "dpokit")):
+                r = _spawn(kind, work, s, (dpokit_overrides if kind == "dpokit" else trl_overrides) or {})
+                r["load"] = _load()
+                runs[kind].append(r)
+                ref = f", reference {r['ref_s']:.1f} s" if r["ref_s"] is not None else ""
+                say(f"  run {i + 1}/{repeats} {kind:6s} {r['seconds']:7.1f} s{ref} ({info['pairs'] / r['seconds']:.2f} "
+                    f"pairs/s, {r['train_cpu_s']:.0f} CPU s, peak RSS {r['peak_rss_mb']:.0f} MB; load {r['load']})")
+        # The peak is measured again after the runs and the best kept: on a shared machine a single
+        # measurement can catch a busy moment and flatter the fractions.
+        peak = max(peak or 0.0, matmul_peak_gflops())
+        out = {"info": info, "settings": s.__dict__, "peak_gflops": peak,
+               **{k: _summary(v, info, peak) for k, v in runs.items()}}
+        out["ratio"] = out["dpokit"]["pairs_per_s"] / out["trl"]["pairs_per_s"]
+        return out
+
+
+def format_table(result: dict) -> str:
+    lines = ["| trainer | pairs/s median (min - max) | tokens/s | seconds | CPU seconds | peak RSS | "
+             "of matmul peak |", "|---|---|---|---|---|---|---|"]
+    for kind in ("trl", "dpokit"):
+        r = result[kind]
+        lines.append(f"| {kind} | {r['pairs_per_s']:.2f} ({r['pairs_per_s_min']:.2f} - {r['pairs_per_s_max']:.2f}) | "
+                     f"{r['tokens_per_s']:.0f} | {r['seconds']:.1f} | {r['cpu_s']:.1f} | {r['peak_rss_mb']:.0f} MB | "
+                     f"{100 * r['hw_fraction']:.1f}% |")
+    lines.append(f"\ndpokit / TRL: {result['ratio']:.2f}x pairs/s; fp32 matmul peak measured "
+                 f"{result['peak_gflops']:.0f} GFLOP/s")
+    return "\n".join(lines)
+
+
+def _overrides(items: list[str] | None) -> dict:
+    import yaml
+
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            from .errors import DpokitError
+            raise DpokitError(f"{item!r} is not of the form key=value")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def run_bench(args) -> None:
+    import torch
+
+    s = Settings(pairs=args.pairs, batch_size=args.batch_size, max_length=args.max_length,
+                 learning_rate=args.learning_rate, threads=args.threads)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    data = None if args.synthetic else _find_data(args.data)
+    peak = matmul_peak_gflops()
+    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, fp32 matmul "
+          f"peak {peak:.0f} GFLOP/s, load average {_load()}", flush=True)
+    say = lambda m: print(m, flush=True)  # noqa: E731
+    ours, theirs = _overrides(args.dpokit_set), _overrides(args.trl_set)
+    results = {}
+    if not args.prompt_lengths or args.main:
+        res = compare(s, args.repeats, data, dpokit_overrides=ours, trl_overrides=theirs, peak=peak, say=say)
+        print(format_table(res))
+        results["main"] = res
+    if args.prompt_lengths:
+        sweep = []
+        for p in args.prompt_lengths:
+            # No truncation here: the point is the prompt length itself.
+            sp = Settings(**{**s.__dict__, "max_length": None, "pairs": args.sweep_pairs})
+            say(f"prompt ~{p} tokens:")
+            res = compare(sp, args.sweep_repeats, None, prompt_tokens=p, dpokit_overrides=ours, trl_overrides=theirs,
+                          peak=peak, say=say)
+            sweep.append(res)
+        print("| prompt tokens (mean) | TRL pairs/s | dpokit pairs/s | dpokit / TRL | TRL peak RSS | dpokit peak RSS |")
+        print("|---|---|---|---|---|---|")
+        for r in sweep:
+            print(f"| {r['info']['mean_prompt']:.0f} | {r['trl']['pairs_per_s']:.2f} | {r['dpokit']['pairs_per_s']:.2f} | "
+                  f"{r['ratio']:.2f}x | {r['trl']['peak_rss_mb']:.0f} MB | {r['dpokit']['peak_rss_mb']:.0f} MB |")
+        results["sweep"] = sweep
+    print(f"load average after: {_load()}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1, default=str))
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pairs", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=3, help="runs of each trainer, interleaved (default 3)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--learning-rate", type=float, default=5e-4)
+    p.add_argument("--data", default=None, help="implicit-prompt pairs (default: ../shared/data/hh-harmless if present)")
+    p.add_argument("--synthetic", action="store_true", help="synthetic pairs even when real data is present")
+    p.add_argument("--prompt-lengths", type=lambda t: [int(x) for x in t.split(",")], default=None,
+                   help="comma-separated prompt lengths for a sweep on synthetic data, e.g. 64,128,256,512,1024")
+    p.add_argument("--sweep-pairs", type=int, default=64)
+    p.add_argument("--sweep-repeats", type=int, default=1)
+    p.add_argument("--main", action="store_true", help="with --prompt-lengths, run the main comparison too")
+    p.add_argument("--threads", type=int, default=None, help="torch threads in every run (default: torch's own)")
+    p.add_argument("--dpokit-set", action="append", metavar="KEY=VALUE", help="a dpokit config override")
+    p.add_argument("--trl-set", action="append", metavar="KEY=VALUE",
+                   help="a DPOConfig override, e.g. gradient_checkpointing=false")
+    p.add_argument("--json", default=None, help="write every measurement to this file")

@@ -1,0 +1,34 @@
+"""`dpokit bench`: its synthetic data has the lengths asked for; an end-to-end run (slow) compares both trainers."""
+
+import json
+
+import pytest
+
+from dpokit.bench import Settings, prepare
+
+
+@pytest.mark.parametrize("prompt_tokens", [64, 512])
+def test_synthetic_prompts_have_the_requested_length(prompt_tokens, tmp_path):
+    info = prepare(tmp_path, Settings(pairs=16, max_length=None, vocab_size=500, hidden_size=16, intermediate_size=32,
+                                      num_layers=1), None, prompt_tokens)
+    assert info["pairs"] == 16 and info["data"] == "synthetic"
+    assert info["mean_prompt"] == pytest.approx(prompt_tokens, rel=0.15)
+    # completions keep HH's lengths whatever the prompt
+    assert 25 < info["mean_chosen"] < 60 and 30 < info["mean_rejected"] < 75
+    rows = [json.loads(line) for line in (tmp_path / "pairs.jsonl").read_text().splitlines()]
+    assert len(rows) == 16 and all(r["chosen"] != r["rejected"] for r in rows)
+
+
+@pytest.mark.slow
+def test_bench_runs_both_trainers_and_reports(tmp_path, capsys):
+    from dpokit.cli import main
+
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--pairs", "8", "--repeats", "1", "--synthetic", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| trl |" in printed and "| dpokit |" in printed and "dpokit / TRL:" in printed
+    main_run = json.loads(out.read_text())["main"]
+    for kind in ("dpokit", "trl"):
+        assert main_run[kind]["seconds"] > 0 and main_run[kind]["peak_rss_mb"] > 100
+        assert 0 < main_run[kind]["hw_fraction"] < 1
+    assert main_run["dpokit"]["ref_s"] > 0  # the reference pass is part of dpokit's timed epoch
