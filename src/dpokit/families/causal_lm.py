@@ -291,7 +291,7 @@ def _token_logps(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, s
         logits = logits * scale
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
-    logp = logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    logp = -nn.functional.cross_entropy(logits, targets, reduction="none")  # one fused log-softmax + pick
     return logp, logits.detach().mean(-1)
 
 
