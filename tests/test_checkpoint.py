@@ -70,6 +70,34 @@ def test_checkpoint_of_another_model_is_refused(tokenizer, tmp_path):
         checkpoint.load(folder, lora, opt2, torch.optim.lr_scheduler.LambdaLR(opt2, lambda s: 1.0))
 
 
+def test_checkpoint_of_another_size_is_refused(tokenizer, tmp_path):
+    model, opt, sched = _model_and_optimizer(tokenizer)
+    folder = checkpoint.save(tmp_path / "checkpoint-1", model, opt, sched, {"global_step": 1}, keep=None)
+    bigger = build_llama(tokenizer, hidden_size=32, num_layers=1, num_heads=2)
+    opt2 = torch.optim.AdamW(bigger.parameters())
+    with pytest.raises(DpokitError, match="does not match the model"):
+        checkpoint.load(folder, bigger, opt2, torch.optim.lr_scheduler.LambdaLR(opt2, lambda s: 1.0))
+
+
+class _Rank:
+    """Enough of an Accelerator for checkpoint.load: which rank this is."""
+
+    def __init__(self, index, world):
+        self.process_index, self.num_processes, self.is_main_process = index, world, index == 0
+
+
+def test_each_rank_gets_its_own_rng_state(tokenizer, tmp_path):
+    model, opt, sched = _model_and_optimizer(tokenizer)
+    folder = checkpoint.save(tmp_path / "checkpoint-1", model, opt, sched, {"global_step": 1}, keep=None)
+    states = [torch.manual_seed(s).get_state() for s in (11, 22)]  # as two ranks would have them
+    from safetensors.torch import save_file
+
+    save_file({"cpu": torch.stack(states)}, str(folder / "rng.safetensors"))
+    for rank in (0, 1):
+        checkpoint.load(folder, model, opt, sched, _Rank(rank, 2))
+        assert torch.equal(torch.get_rng_state(), states[rank])
+
+
 def test_prune_keeps_the_newest(tokenizer, tmp_path):
     model, opt, sched = _model_and_optimizer(tokenizer)
     for step in (2, 4, 6, 8):

@@ -22,20 +22,36 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
 
 from .errors import DpokitError
 
 log = logging.getLogger("dpokit")
 PATTERN = re.compile(r"^checkpoint-(\d+)$")
-GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
-SCATTER = StateDictOptions(full_state_dict=True, strict=False)
+
+
+def gather_state(model: nn.Module, optimizer=None) -> tuple[dict, dict | None]:
+    """The trainable parameters, whole (gathered from FSDP shards, on CPU), and the optimizer state keyed by
+    parameter name. Collective: every rank calls it; with several processes only rank 0 gets the tensors."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+    weights = get_model_state_dict(model, options=options)
+    opt_state = get_optimizer_state_dict(model, _optimizer(optimizer), options=options) if optimizer else None
+    return weights, opt_state
+
+
+def _set_state(model: nn.Module, optimizer, weights: dict, opt_state: dict) -> None:
+    """Load whole tensors into every rank's (possibly sharded) model and optimizer."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, strict=False)
+    result = set_model_state_dict(model, weights, options=options)
+    trainable = {_fqn(n) for n, p in model.named_parameters() if p.requires_grad}
+    missing = [n for n in result.missing_keys if n in trainable]
+    if result.unexpected_keys or missing:
+        what = f"unexpected {result.unexpected_keys[0]}" if result.unexpected_keys else f"missing {missing[0]}"
+        raise DpokitError(f"checkpoint does not match the model ({what})")
+    set_optimizer_state_dict(model, _optimizer(optimizer), opt_state, options=options)
 
 
 def _optimizer(optimizer):
@@ -111,8 +127,7 @@ def save(folder: Path, model: nn.Module, optimizer, scheduler, loop_state: dict,
          accelerator=None) -> Path:
     """Write `folder` atomically. With several processes every rank must call this; rank 0 writes."""
     folder = Path(folder)
-    weights = get_model_state_dict(model, options=GATHER)
-    opt_state = get_optimizer_state_dict(model, _optimizer(optimizer), options=GATHER)
+    weights, opt_state = gather_state(model, optimizer)
     rng = _rng_state(accelerator)
     main = accelerator is None or accelerator.is_main_process
     if main:
@@ -173,19 +188,22 @@ def load(folder: Path, model: nn.Module, optimizer, scheduler, accelerator=None)
         loop_state = json.loads((folder / "trainer_state.json").read_text())
     except (OSError, ValueError) as e:
         raise DpokitError(f"{folder}: cannot read checkpoint ({e})") from None
-    result = set_model_state_dict(model, weights, options=SCATTER)
-    trainable = {_fqn(n) for n, p in model.named_parameters() if p.requires_grad}
-    missing = [n for n in result.missing_keys if n in trainable]
-    if result.unexpected_keys or missing:
-        what = f"unexpected {result.unexpected_keys[0]}" if result.unexpected_keys else f"missing {missing[0]}"
-        raise DpokitError(f"{folder}: checkpoint does not match the model ({what})")
-    set_optimizer_state_dict(model, _optimizer(optimizer), opt_state, options=SCATTER)
+    try:
+        _set_state(model, optimizer, weights, opt_state)
+    except DpokitError as e:
+        raise DpokitError(f"{folder}: {e}") from None
+    except RuntimeError as e:
+        if "size mismatch" not in str(e):
+            raise
+        raise DpokitError(f"{folder}: checkpoint does not match the model ({str(e).splitlines()[-1].strip()})") \
+            from None
     scheduler.load_state_dict(sched)
     rank = accelerator.process_index if accelerator is not None else 0
     if rank < rng["cpu"].shape[0]:
-        torch.set_rng_state(rng["cpu"][rank])
+        # clone: torch.set_rng_state crashes on a view with a storage offset (any row but the first)
+        torch.set_rng_state(rng["cpu"][rank].clone())
         if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state(rng["cuda"][rank])
+            torch.cuda.set_rng_state(rng["cuda"][rank].clone())
     else:
         log.warning("%s was written by %d processes; rank %d starts with a fresh RNG state (dropout masks will "
                     "differ from an uninterrupted run)", folder, rng["cpu"].shape[0], rank)

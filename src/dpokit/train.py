@@ -51,13 +51,16 @@ def _flag(name: str) -> bool:
 def _accelerator(cfg: TrainConfig):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, PartialState
-    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, InitProcessGroupKwargs
 
     cuda = torch.cuda.is_available()
     bf16 = (cuda and torch.cuda.is_bf16_supported()) if cfg.bf16 is None else cfg.bf16
+    deepspeed = _flag("ACCELERATE_USE_DEEPSPEED")
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
     # Several processes on a machine without CUDA (torchrun, `accelerate launch --multi_gpu`): accelerate joins
-    # them over gloo only when told `cpu`.
-    cpu = not cuda and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    # them over gloo only when told `cpu` (DeepSpeed instead wants gloo named, and `cpu` off).
+    cpu = not cuda and several and not deepspeed
+    handlers = [InitProcessGroupKwargs(backend="gloo")] if deepspeed and not cuda else []
     fsdp_plugin = None
     if cpu and _flag("ACCELERATE_USE_FSDP"):
         try:
@@ -65,15 +68,28 @@ def _accelerator(cfg: TrainConfig):
         except RuntimeError:
             raise DpokitError("FSDP on CPU needs fsdp_version: 2 (accelerate's FSDP1 wants a GPU)") from None
     acc = Accelerator(
-        cpu=cpu, mixed_precision="bf16" if bf16 else "no", fsdp_plugin=fsdp_plugin,
+        cpu=cpu, mixed_precision="bf16" if bf16 else "no", fsdp_plugin=fsdp_plugin, kwargs_handlers=handlers,
         # DeepSpeed steps its own engine at the accumulation boundary; it must know the count.
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps if _flag("ACCELERATE_USE_DEEPSPEED") else 1,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps if deepspeed else 1,
     )
     if fsdp_plugin is not None and acc.distributed_type == DistributedType.MULTI_CPU:
         # accelerate runs CPU processes as plain DDP even when FSDP is asked for; torch's FSDP2 works over gloo.
         # Both shared states hold the type (AcceleratorState copies PartialState's whenever it is built).
         PartialState._shared_state["distributed_type"] = DistributedType.FSDP
         AcceleratorState._shared_state.update(distributed_type=DistributedType.FSDP, fsdp_plugin=fsdp_plugin)
+    if acc.distributed_type == DistributedType.DEEPSPEED:
+        if cfg.save_steps or cfg.resume_from_checkpoint:
+            raise DpokitError(
+                "checkpoints under DeepSpeed are not supported (its own format is pickled, and dpokit writes "
+                "safetensors only): set save_steps=0, or use FSDP (configs/accelerate/fsdp.yaml) for resumable "
+                "sharded runs")
+        ds = acc.state.deepspeed_plugin.deepspeed_config
+        # DeepSpeed checks micro-batch × accumulation × processes against its batch size; dpokit has no dataloader
+        # for accelerate to read the micro-batch from.
+        if not isinstance(ds.get("train_micro_batch_size_per_gpu"), int):
+            ds["train_micro_batch_size_per_gpu"] = cfg.per_device_train_batch_size
+        if ds.get("gradient_clipping") in (None, "auto"):
+            ds["gradient_clipping"] = cfg.max_grad_norm
     return acc
 
 
@@ -139,6 +155,7 @@ class Loop:
             if self.eval_examples:
                 ref_keys["eval"] = cache_path(cfg, self.reference, self.eval_examples)
 
+        set_seed(cfg.seed, device_specific=True)  # from here each rank draws its own dropout masks
         scorer = self.family.scorer(self.model, cfg)
         # FSDP wraps each block the model names as unsplittable; the scorer is the root it sees.
         scorer._no_split_modules = getattr(self.model, "_no_split_modules", None)
@@ -408,7 +425,7 @@ class Loop:
         sharded = acc.distributed_type.value in ("FSDP", "DEEPSPEED")
         trained = None
         if sharded and acc.distributed_type.value == "FSDP":
-            trained = checkpoint.get_model_state_dict(self.scorer, options=checkpoint.GATHER)
+            trained, _ = checkpoint.gather_state(self.scorer)
         elif sharded:
             trained = acc.get_state_dict(self.scorer)
         acc.wait_for_everyone()
@@ -416,6 +433,10 @@ class Loop:
             if trained is None:
                 model = acc.unwrap_model(self.scorer).model
             else:
+                if self.deepspeed:  # training is over: rank 0 builds the policy alone, not partitioned (collective)
+                    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+                    unset_hf_deepspeed_config()
                 model, _ = self.family.load_policy(self.cfg)
                 prefix = "model."  # the scorer holds the model as `.model`
                 weights = {k[len(prefix):]: v for k, v in trained.items() if k.startswith(prefix)}
