@@ -106,6 +106,20 @@ def test_ddp_matches_one_process(setup, one_process, ddp):
     assert rng["cpu"].shape[0] == 2 and not torch.equal(rng["cpu"][0], rng["cpu"][1])  # each rank's own stream
 
 
+def test_one_process_resumes_a_two_process_checkpoint(setup, ddp):
+    """Checkpoints hold whole tensors and the position in pairs: one process with 8 pairs per step picks up
+    where two with 4 each left off."""
+    root, config = setup
+    out = root / "regrouped"
+    out.mkdir()
+    shutil.copytree(root / "ddp" / "checkpoint-4", out / "checkpoint-4")
+    shutil.copy(root / "ddp" / "metrics.jsonl", out / "metrics.jsonl")
+    torch.set_num_threads(1)
+    train(load_config(config, per_device_train_batch_size=8, per_device_eval_batch_size=8, output_dir=str(out),
+                      resume_from_checkpoint=True))
+    _assert_same(ddp, _rows(out), 1e-5)
+
+
 def test_fsdp_matches_one_process(setup, one_process):
     root, config = setup
     _launch("fsdp", config, f"output_dir={root / 'fsdp'}")
