@@ -83,13 +83,13 @@ def test_judge_pairs_samples_k_and_keeps_gaps_of_at_least_min_gap(tiny_model_dir
 
 
 def test_cli_data_build_judge(tiny_model_dir, tmp_path, monkeypatch, capsys):
-    (tmp_path / "judge_fns.py").write_text("def vowels(prompt, response):\n"
+    (tmp_path / "recipe_judge_fns.py").write_text("def vowels(prompt, response):\n"
                                            "    return sum(c in 'aeiou' for c in response) / max(len(response), 1)\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
     out = tmp_path / "pairs.jsonl"
-    spec = "{type: callable, function: 'judge_fns:vowels'}"
+    spec = "{type: callable, function: 'recipe_judge_fns:vowels'}"
     args = ["data", "build", "judge", str(prompts), str(out), "--model", str(tiny_model_dir), "--judge", spec,
             "--max-new-tokens", "8"]
     assert main(args + ["--k", "4", "--min-gap", "0.01", "--margin-scale", "3"]) == 0
