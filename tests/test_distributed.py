@@ -80,13 +80,22 @@ def setup(tmp_path_factory, tokenizer):
     return root, config
 
 
+def _one_process(config: Path, **overrides) -> None:
+    """A one-process run with the global batch of two processes with 4 pairs each."""
+    overrides = dict(per_device_train_batch_size=8, per_device_eval_batch_size=8, **overrides)
+    if torch.cuda.is_available():  # the launched runs stay on CPU (ENV hides GPUs); so must this one
+        args = [f"{k}={v}" for k, v in overrides.items()]
+        subprocess.run([sys.executable, "-m", "dpokit.cli", "train", str(config), *args], env=ENV, check=True,
+                       capture_output=True)
+    else:
+        torch.set_num_threads(1)
+        train(load_config(config, **overrides))
+
+
 @pytest.fixture(scope="module")
 def one_process(setup):
     root, config = setup
-    cfg = load_config(config, per_device_train_batch_size=8, per_device_eval_batch_size=8,
-                      output_dir=str(root / "one"))
-    torch.set_num_threads(1)
-    train(cfg)
+    _one_process(config, output_dir=str(root / "one"))
     return _rows(root / "one")
 
 
@@ -114,9 +123,7 @@ def test_one_process_resumes_a_two_process_checkpoint(setup, ddp):
     out.mkdir()
     shutil.copytree(root / "ddp" / "checkpoint-4", out / "checkpoint-4")
     shutil.copy(root / "ddp" / "metrics.jsonl", out / "metrics.jsonl")
-    torch.set_num_threads(1)
-    train(load_config(config, per_device_train_batch_size=8, per_device_eval_batch_size=8, output_dir=str(out),
-                      resume_from_checkpoint=True))
+    _one_process(config, output_dir=str(out), resume_from_checkpoint=True)
     _assert_same(ddp, _rows(out), 1e-5)
 
 
