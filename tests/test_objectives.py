@@ -184,7 +184,7 @@ def test_loss_checks():
     with pytest.raises(DpokitError, match="exo_pair needs 0 < label_smoothing"):
         check_losses(["exo_pair"], None, 0.0)
     with pytest.raises(DpokitError, match="unknown loss_type"):
-        check_losses(["simpo", "kto"], None, 0.0)
+        check_losses(["simpo", "no_such_loss"], None, 0.0)
     with pytest.raises(DpokitError, match="rpo_alpha"):
         ObjectiveConfig(rpo_alpha=-1.0)
 

@@ -124,8 +124,9 @@ def write_files(tmp: Path, files: dict[str, object]) -> None:
 
 
 def save(folder: Path, model: nn.Module, optimizer, scheduler, loop_state: dict, keep: int | None,
-         accelerator=None) -> Path:
-    """Write `folder` atomically. With several processes every rank must call this; rank 0 writes."""
+         accelerator=None, extra: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
+    """Write `folder` atomically. With several processes every rank must call this; rank 0 writes.
+    `extra`: more tensor files (name → tensors) written inside the same atomic folder."""
     folder = Path(folder)
     weights, opt_state = gather_state(model, optimizer)
     rng = _rng_state(accelerator)
@@ -144,6 +145,7 @@ def save(folder: Path, model: nn.Module, optimizer, scheduler, loop_state: dict,
             "optimizer.json": opt_meta,
             "rng.safetensors": rng,
             "scheduler.json": scheduler.state_dict(),
+            **{name: _unshare(tensors) for name, tensors in (extra or {}).items()},
             "trainer_state.json": loop_state,  # last: its presence marks a complete checkpoint
         })
         _fsync_dir(tmp)

@@ -28,6 +28,12 @@ class TrainConfig:
     reference_free: bool = False  # set automatically when every loss is reference-free (simpo, orpo, sft)
     simpo_gamma: float = 0.5  # SimPO target reward margin (TRL CPOConfig name)
     rpo_alpha: float | None = None  # RPO: adds rpo_alpha x NLL of the chosen reply (TRL's former DPOConfig name)
+    desirable_weight: float = 1.0  # KTO: weight of desirable completions' losses (TRL KTOConfig name)
+    undesirable_weight: float = 1.0  # KTO: weight of undesirable completions' losses
+    # TR-DPO: every ref_model_sync_steps optimizer steps, ref <- alpha * policy + (1 - alpha) * ref (TRL names)
+    sync_ref_model: bool = False
+    ref_model_mixup_alpha: float = 0.6
+    ref_model_sync_steps: int = 512
     # --- optimisation (TRL / transformers names) ---
     learning_rate: float = 1e-6
     lr_scheduler_type: str = "linear"
@@ -99,6 +105,14 @@ class TrainConfig:
 
         if is_reference_free(self.loss_types):
             self.reference_free = True  # no reference model is loaded or scored
+        if self.sync_ref_model:
+            # The reference moves during training, so its log-probs cannot be computed once (TRL refuses the
+            # combination; dpokit's default is precompute on, so it is turned off rather than refused).
+            self.precompute_ref_log_probs = False
+            if not 0 <= self.ref_model_mixup_alpha <= 1:
+                raise DpokitError(f"ref_model_mixup_alpha must lie in [0, 1], got {self.ref_model_mixup_alpha}")
+            if self.ref_model_sync_steps < 1:
+                raise DpokitError(f"ref_model_sync_steps must be >= 1, got {self.ref_model_sync_steps}")
         if self.on_bad_row not in ("error", "skip"):
             raise DpokitError(f"on_bad_row must be 'error' or 'skip', got {self.on_bad_row!r}")
         if self.beta <= 0:

@@ -122,7 +122,7 @@ def load_models(model: str | Path, ref_model: str | None = None, beta: float | N
 def _terms_and_reference(batch, scorer, ref: Reference):
     terms = scorer(batch)
     if ref.free:
-        ref_c = ref_r = torch.zeros_like(terms.chosen, dtype=torch.float32)
+        ref_c, ref_r = (torch.zeros_like(x, dtype=torch.float32) for x in (terms.chosen, terms.rejected))
     else:
         ref_c, ref_r = ref.logps(batch)
     return terms, ref_c, ref_r
@@ -137,14 +137,16 @@ def preference_eval(models: Models, data: Any, batch_size: int | None = None, pr
     scorer, ref = models.policy_scorer(), models.reference_scorer()
     obj_cfg = ObjectiveConfig.from_config(cfg)
     sums: dict[str, float] = {}
+    counts: dict[str, int] = {}  # unpaired data: chosen/rejected metrics cover only their own class
     for _, batch in models.batches(examples, batch_size, "eval", progress):
         terms, ref_c, ref_r = _terms_and_reference(batch, scorer, ref)
         t = Terms(terms.chosen.float(), terms.rejected.float(), ref_c, ref_r, terms.chosen_len, terms.rejected_len,
-                  batch["margin"])
+                  batch["margin"], label=batch.get("label"), rejected_mask=batch.get("rejected_mask"))
         _, metrics = objective(t, batch["weight"], cfg.loss_types, cfg.loss_weights, obj_cfg)
         for k, v in metrics.items():
             sums[k] = sums.get(k, 0.0) + v.float().sum().item()
-    return {"pairs": len(examples), **{k: v / len(examples) for k, v in sums.items()}}
+            counts[k] = counts.get(k, 0) + v.numel()
+    return {"pairs": len(examples), **{k: v / counts[k] for k, v in sums.items() if counts[k]}}
 
 
 # ---------------------------------------------------------------- the DPO model as a reward model

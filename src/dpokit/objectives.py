@@ -9,6 +9,12 @@ Notation in the docstrings: Δ_w = log π(y_w|x) − log π_ref(y_w|x) (chosen l
 the same for the rejected reply, |y| the reply's length in tokens, m the pair's margin, σ
 the logistic function. Log-likelihoods are sums over the reply unless a loss says
 "per token", which divides by |y|.
+
+Three kinds of data reach the losses (see `data_kind`): pairs; S-DPO groups, where the
+rejected terms have shape [batch, K] with `rejected_mask` marking the K slots in use; and
+unpaired (KTO) items, where `label` says whether the completion (the "chosen" terms) is
+desirable and the "rejected" terms belong to a mismatched completion, for the KL estimate.
+Each loss declares the kinds it reads.
 """
 
 from __future__ import annotations
@@ -33,6 +39,21 @@ class Terms:
     chosen_len: torch.Tensor
     rejected_len: torch.Tensor
     margin: torch.Tensor  # the chosen must win by this much (ODPO); zeros by default
+    label: torch.Tensor | None = None  # unpaired data: True where the completion is desirable
+    rejected_mask: torch.Tensor | None = None  # S-DPO groups: [batch, K], True where a rejected reply exists
+
+    @property
+    def kind(self) -> str:
+        if self.label is not None:
+            return "unpaired"
+        return "groups" if self.policy_rejected.dim() == 2 else "pairs"
+
+    @property
+    def slots(self) -> torch.Tensor:
+        """Groups: [batch, K], True where a rejected reply exists."""
+        if self.rejected_mask is not None:
+            return self.rejected_mask
+        return torch.ones(self.policy_rejected.shape, dtype=torch.bool, device=self.policy_rejected.device)
 
     @property
     def chosen_logratios(self) -> torch.Tensor:
@@ -58,10 +79,15 @@ class ObjectiveConfig:
     label_smoothing: float = 0.0
     simpo_gamma: float = 0.5  # SimPO target reward margin γ (TRL CPOConfig name)
     rpo_alpha: float | None = None  # RPO: adds α × NLL of the chosen reply to any loss (TRL's former DPOConfig name)
+    desirable_weight: float = 1.0  # KTO: λ_D, the weight of desirable completions' losses (TRL KTOConfig name)
+    undesirable_weight: float = 1.0  # KTO: λ_U
 
     def __post_init__(self):
         if self.rpo_alpha is not None and self.rpo_alpha < 0:
             raise DpokitError(f"rpo_alpha must be >= 0, got {self.rpo_alpha}")
+        for name in ("desirable_weight", "undesirable_weight"):
+            if getattr(self, name) < 0:
+                raise DpokitError(f"{name} must be >= 0, got {getattr(self, name)}")
 
     @classmethod
     def from_config(cls, cfg) -> "ObjectiveConfig":
@@ -73,11 +99,13 @@ LossFn = Callable[[Terms, ObjectiveConfig], torch.Tensor]
 LOSSES: dict[str, LossFn] = {}
 REFERENCE_FREE: set[str] = set()  # losses that never read the reference log-likelihoods
 NO_MARGIN: set[str] = set()  # pairwise losses with no place for a per-pair margin
+DATA: dict[str, tuple[str, ...]] = {}  # loss → the kinds of data it reads: pairs, groups, unpaired
 
 
-def register(name: str, reference_free: bool = False, margin: bool = True):
+def register(name: str, reference_free: bool = False, margin: bool = True, data: tuple[str, ...] = ("pairs",)):
     def wrap(fn: LossFn) -> LossFn:
         LOSSES[name] = fn
+        DATA[name] = data
         if reference_free:
             REFERENCE_FREE.add(name)
         if not margin:
@@ -188,10 +216,50 @@ def apo_down_loss(t: Terms, c: ObjectiveConfig) -> torch.Tensor:
         c.beta * (t.chosen_logratios - t.rejected_logratios))
 
 
+@register("sdpo", data=("pairs", "groups"))
+def sdpo_loss(t: Terms, c: ObjectiveConfig) -> torch.Tensor:
+    """S-DPO (Chen et al. 2024, "On Softmax Direct Preference Optimization for Recommendation", eq. 12):
+    −log σ(−log Σ_j exp(β(Δ_j − Δ_w) + m)) over the K rejected replies j of the prompt, a softmax
+    over the negatives (Plackett–Luce with the chosen on top). With K = 1 it is DPO's sigmoid loss."""
+    rejected = t.rejected_logratios if t.rejected_logratios.dim() == 2 else t.rejected_logratios[:, None]
+    z = c.beta * (rejected - t.chosen_logratios[:, None]) + t.margin[:, None]
+    if t.rejected_mask is not None:
+        z = z.masked_fill(~t.rejected_mask, -math.inf)  # empty slots of smaller groups
+    return -F.logsigmoid(-torch.logsumexp(z, dim=1))
+
+
+# ---------------------------------------------------------------- unpaired losses (KTO)
+
+
+def kto_kl(t: Terms) -> torch.Tensor:
+    """KTO's reference point z0 = max(0, mean over the batch of log π(y'|x) − log π_ref(y'|x)) on
+    mismatched pairs (x, y'), detached (Ethayarajh et al. 2024, §4.1; TRL's KTOTrainer). TRL also
+    averages it over processes; here it is the micro-batch's own."""
+    return t.rejected_logratios.detach().mean().clamp(min=0)
+
+
+@register("kto", margin=False, data=("unpaired",))
+def kto_loss(t: Terms, c: ObjectiveConfig) -> torch.Tensor:
+    """KTO (Ethayarajh et al. 2024, eqs. 7–8), as TRL's KTOTrainer `kto`: with r = Δ of the completion
+    and z0 = `kto_kl`, a desirable completion costs λ_D·(1 − σ(β(r − z0))), an undesirable one
+    λ_U·(1 − σ(β(z0 − r))); λ_D = desirable_weight, λ_U = undesirable_weight."""
+    r, z0 = t.chosen_logratios, kto_kl(t)
+    return torch.where(t.label, c.desirable_weight * (1 - torch.sigmoid(c.beta * (r - z0))),
+                       c.undesirable_weight * (1 - torch.sigmoid(c.beta * (z0 - r))))
+
+
+@register("apo_zero_unpaired", margin=False, data=("unpaired",))
+def apo_zero_unpaired_loss(t: Terms, c: ObjectiveConfig) -> torch.Tensor:
+    """APO-zero, unpaired (D'Oosterlinck et al. 2024; TRL KTOTrainer's `apo_zero_unpaired`): a desirable
+    completion costs λ_D·(1 − σ(βr)), an undesirable one λ_U·σ(βr); no KL reference point."""
+    r = c.beta * t.chosen_logratios
+    return torch.where(t.label, c.desirable_weight * (1 - torch.sigmoid(r)), c.undesirable_weight * torch.sigmoid(r))
+
+
 # ---------------------------------------------------------------- reference-free losses
 
 
-@register("sft", reference_free=True, margin=False)
+@register("sft", reference_free=True, margin=False, data=("pairs", "groups"))
 def sft_loss(t: Terms, c: ObjectiveConfig) -> torch.Tensor:
     """NLL of the chosen replies, per token over the batch (TRL DPO's `sft`). Combined with DPO
     (`loss_type: [sigmoid, sft]`, `loss_weights: [1, α]`) it is RPO; `rpo_alpha` is shorthand."""
@@ -278,6 +346,28 @@ def check_losses(loss_types: list[str], loss_weights: list[float] | None, label_
         raise DpokitError(f"exo_pair needs 0 < label_smoothing < 1 (the paper uses 1e-3), got {label_smoothing}")
     if not 0 <= label_smoothing <= 1:
         raise DpokitError(f"label_smoothing must lie in [0, 1], got {label_smoothing}")
+    if "sdpo" in loss_types and label_smoothing:
+        raise DpokitError(f"sdpo has no label smoothing; set label_smoothing: 0 (got {label_smoothing})")
+
+
+KIND_NAMES = {"pairs": "preference pairs (prompt, chosen, rejected)",
+              "groups": "S-DPO groups (a list of replies in 'rejected')",
+              "unpaired": "unpaired rows (prompt, completion, label)"}
+
+
+def check_data(loss_types: list[str], kind: str, rpo_alpha: float | None = None,
+               batch_size: int | None = None) -> None:
+    """Whether the losses can read this kind of data (see `dpokit.data.data_kind`)."""
+    for name in loss_types:
+        if kind not in DATA[name]:
+            fits = sorted(n for n in LOSSES if kind in DATA[n])
+            raise DpokitError(f"loss_type {name!r} reads {' or '.join(KIND_NAMES[k] for k in DATA[name])}, but the "
+                              f"data holds {KIND_NAMES[kind]}; for those use one of {', '.join(fits)}")
+    if kind == "unpaired" and rpo_alpha:
+        raise DpokitError("rpo_alpha adds the NLL of the chosen reply, and unpaired data has no chosen reply")
+    if kind == "unpaired" and "kto" in loss_types and batch_size is not None and batch_size < 2:
+        raise DpokitError("kto estimates its KL reference point over the micro-batch: per_device_train_batch_size "
+                          "must be >= 2 (as in TRL)")
 
 
 def objective(terms: Terms, weight: torch.Tensor, loss_types: list[str], loss_weights: list[float] | None,
@@ -287,6 +377,7 @@ def objective(terms: Terms, weight: torch.Tensor, loss_types: list[str], loss_we
     loss = mean_i weight_i · (Σ_k w_k · L_k(i) + rpo_alpha · NLL_i).
     """
     loss_weights = loss_weights or [1.0] * len(loss_types)
+    check_data(loss_types, terms.kind, config.rpo_alpha)
     ignoring = [name for name in loss_types if name in NO_MARGIN and name != "sft"]
     if ignoring and bool((terms.margin != 0).any()):
         raise DpokitError(f"loss_type {ignoring[0]!r} has no per-pair margin, but the data sets 'margin'; drop the "
@@ -303,15 +394,50 @@ def objective(terms: Terms, weight: torch.Tensor, loss_types: list[str], loss_we
         else:
             chosen_rewards = config.beta * terms.chosen_logratios.detach()
             rejected_rewards = config.beta * terms.rejected_logratios.detach()
-        metrics = {
-            "loss": (weight * per_example).detach(),
+        metrics = {"loss": (weight * per_example).detach()}
+        if terms.kind == "unpaired":
+            # As TRL's KTOTrainer: "chosen" metrics average the desirable completions, "rejected" the undesirable.
+            # (Uneven lengths: the loop's means count elements.) No accuracy or margin: nothing is paired.
+            good = terms.label
+            metrics.update({
+                "rewards/chosen": chosen_rewards[good],
+                "rewards/rejected": chosen_rewards[~good],
+                "logps/chosen": terms.policy_chosen.detach()[good],
+                "logps/rejected": terms.policy_chosen.detach()[~good],
+            })
+            if "kto" in loss_types:
+                metrics["kl"] = kto_kl(terms).expand(len(good))
+            return loss, metrics
+        logps_rejected = terms.policy_rejected.detach()
+        beaten = rejected_rewards
+        if terms.kind == "groups":
+            # Per group: the mean over its rejected replies; accurate when the chosen beats every one of them.
+            mask = terms.slots
+            n = mask.sum(1).clamp(min=1)
+            beaten = rejected_rewards.masked_fill(~mask, -math.inf).amax(1)
+            rejected_rewards = (rejected_rewards * mask).sum(1) / n
+            logps_rejected = (logps_rejected * mask).sum(1) / n
+        metrics.update({
             "rewards/chosen": chosen_rewards,
             "rewards/rejected": rejected_rewards,
-            "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
+            "rewards/accuracies": (chosen_rewards > beaten).float(),
             "rewards/margins": chosen_rewards - rejected_rewards,
             "logps/chosen": terms.policy_chosen.detach(),
-            "logps/rejected": terms.policy_rejected.detach(),
-        }
+            "logps/rejected": logps_rejected,
+        })
         if config.rpo_alpha or any(name in ("sft", "orpo") for name in loss_types):
             metrics["nll_loss"] = _nll(terms).detach()
     return loss, metrics
+
+
+def logit_metrics(terms: Terms, chosen_logits: torch.Tensor | None,
+                  rejected_logits: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """TRL's `logits/chosen` and `logits/rejected` (each completion's mean logit) for the kind of data:
+    desirable and undesirable completions when unpaired, every rejected reply of a group."""
+    if chosen_logits is None:
+        return {}
+    if terms.kind == "unpaired":
+        return {"logits/chosen": chosen_logits[terms.label], "logits/rejected": chosen_logits[~terms.label]}
+    if terms.kind == "groups":
+        return {"logits/chosen": chosen_logits, "logits/rejected": rejected_logits[terms.slots]}
+    return {"logits/chosen": chosen_logits, "logits/rejected": rejected_logits}

@@ -25,6 +25,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from .errors import DpokitError
+
 log = logging.getLogger("dpokit")
 CACHE_VERSION = b"dpokit-ref-logps-v1"
 
@@ -55,7 +57,9 @@ def weights_fingerprint(model: nn.Module, skip_lora: bool = False) -> str:
 def examples_fingerprint(examples: list) -> str:
     h = hashlib.blake2b(digest_size=16)
     for ex in examples:
-        for ids in (ex.prompt_ids, ex.chosen_ids, ex.rejected_ids):
+        if ex.is_group:  # a group of one caches [N, 1] where a pair caches [N]: they must not share a key
+            h.update(b"group" + len(ex.negatives).to_bytes(4, "little"))
+        for ids in (ex.prompt_ids, ex.chosen_ids, *ex.negatives):
             h.update(len(ids).to_bytes(4, "little"))
             h.update(torch.tensor(ids, dtype=torch.int64).numpy().tobytes())
     return h.hexdigest()
@@ -88,6 +92,28 @@ class Reference:
 
     def fingerprint(self) -> str:
         return weights_fingerprint(self.scorer.model, skip_lora=self.adapter_off)
+
+
+@torch.no_grad()
+def sync_reference(reference: nn.Module, policy: nn.Module, alpha: float) -> None:
+    """TR-DPO's soft update (Gorbatovski et al. 2024), as TRL's SyncRefModelCallback:
+    θ_ref ← α·θ + (1 − α)·θ_ref, parameter by parameter. FSDP2 shards are gathered first
+    (collective: every rank calls this at the same step)."""
+    own = dict(policy.named_parameters())
+    for name, p in reference.named_parameters():
+        source = own[name]
+        if hasattr(source, "full_tensor"):
+            source = source.full_tensor()
+        p.mul_(1 - alpha).add_(source.detach().to(p.device, p.dtype), alpha=alpha)
+
+
+def check_sync(reference: nn.Module, policy: nn.Module) -> None:
+    """TR-DPO mixes weights name by name: the two models must have the same parameters."""
+    own = {name: p.shape for name, p in policy.named_parameters()}
+    for name, p in reference.named_parameters():
+        if own.get(name) != p.shape:
+            raise DpokitError(f"sync_ref_model: the reference's parameter {name!r} has no match of the same shape in "
+                              "the policy; TR-DPO needs a reference of the policy's architecture")
 
 
 def build_reference(cfg, family, policy_model: nn.Module, device) -> Reference:

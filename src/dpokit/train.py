@@ -26,11 +26,14 @@ from . import checkpoint
 from .config import TrainConfig
 from .errors import DpokitError
 from .families import get_family
-from .objectives import ObjectiveConfig, Terms, check_losses, objective
-from .reference import build_reference, cache_path
+from .data import data_kind
+from .objectives import ObjectiveConfig, Terms, check_data, check_losses, logit_metrics, objective
+from .reference import build_reference, cache_path, check_sync, sync_reference
 from .sinks import make_sinks
 
 log = logging.getLogger("dpokit")
+
+REFERENCE_FILE = "reference.safetensors"  # TR-DPO: the moving reference, in each checkpoint
 
 # Row order in metrics.jsonl: TRL's names, then anything an objective adds.
 KEY_ORDER = ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
@@ -142,6 +145,8 @@ class Loop:
         if not self.train_examples:
             raise DpokitError(f"{cfg.train_data}: no training pairs")
         self.eval_examples = self.family.examples(cfg.eval_data, self.processor, cfg) if cfg.eval_data else []
+        for examples in filter(None, (self.train_examples, self.eval_examples)):  # pairs, S-DPO groups or unpaired
+            check_data(cfg.loss_types, data_kind(examples), cfg.rpo_alpha, cfg.per_device_train_batch_size)
         self.resume_dir = self._find_resume()
         self.obj_cfg = ObjectiveConfig.from_config(cfg)
         # The reference is chosen (and its cache key read) while the policy still holds its starting weights,
@@ -149,6 +154,8 @@ class Loop:
         self.reference = build_reference(cfg, self.family, self.model, self.acc.device)
         if not self.reference.free and self.reference.scorer.model is not self.model:
             self.reference.scorer.to(self.acc.device)  # a separate model or a frozen copy
+        if cfg.sync_ref_model:
+            self._check_sync()
         ref_keys = {}
         if not self.reference.free and cfg.precompute_ref_log_probs:
             ref_keys = {"train": cache_path(cfg, self.reference, self.train_examples)}
@@ -198,6 +205,36 @@ class Loop:
             log.info("resume_from_checkpoint: no checkpoint in %s, starting fresh", self.out)
         return found[-1] if found else None
 
+    def _check_sync(self) -> None:
+        """TR-DPO mixes the policy into a reference held in memory: one it can write to."""
+        if self.reference.free:
+            raise DpokitError("sync_ref_model needs a reference model, and every loss here is reference-free")
+        if self.cfg.lora is not None:
+            raise DpokitError("sync_ref_model is not supported with lora (the reference is the base model with the "
+                              "adapters off, which cannot move toward the policy); train without lora or set "
+                              "sync_ref_model: false")
+        if self.deepspeed:
+            raise DpokitError("sync_ref_model is not supported under DeepSpeed; use DDP or FSDP")
+        check_sync(self.reference.scorer.model, self.model)
+
+    def _sync_reference(self) -> None:
+        sync_reference(self.reference.scorer.model, self.model, self.cfg.ref_model_mixup_alpha)
+
+    def _reference_state(self) -> dict | None:
+        """What a checkpoint must hold of the reference: its weights, when TR-DPO moves them."""
+        if not self.cfg.sync_ref_model:
+            return None
+        return {REFERENCE_FILE: {k: v.detach().cpu() for k, v in self.reference.scorer.model.state_dict().items()}}
+
+    def _load_reference(self, folder: Path) -> None:
+        from safetensors.torch import load_file
+
+        path = folder / REFERENCE_FILE
+        if not path.exists():
+            raise DpokitError(f"{folder}: no {REFERENCE_FILE} (the checkpoint was written without sync_ref_model), "
+                              "so the moved reference cannot be restored")
+        self.reference.scorer.model.load_state_dict(load_file(str(path)))
+
     def _collate(self, examples):
         return self.family.collate(examples, self.cfg, self.processor)
 
@@ -225,23 +262,29 @@ class Loop:
             cached = load_file(str(path))
             return cached["chosen"], cached["rejected"]
         n = len(examples)
-        out = torch.zeros(2, n, device=acc.device)
+        # Column 0 the chosen, then the rejected: one column for pairs, K for S-DPO groups (K the largest group;
+        # zeros past a smaller group's own), stored as [n] and [n, K].
+        K = max(len(ex.negatives) for ex in examples) if data_kind(examples) == "groups" else None
+        out = torch.zeros(n, 1 + (K or 1), device=acc.device)
         rounds = self._rank_slices(n, self.cfg.per_device_eval_batch_size)
         quiet = self.cfg.disable_tqdm or not acc.is_main_process
         for indices, counted in tqdm(list(rounds), desc=f"reference log-probs ({name})", disable=quiet):
             batch = self._batch(examples, indices, None)
             c, r = self._reference_logps(batch)
             if counted:
-                out[0, indices], out[1, indices] = c, r
+                r = r.reshape(len(indices), -1)
+                out[indices, 0], out[indices, 1:1 + r.shape[1]] = c, r
         if acc.num_processes > 1:
             out = acc.reduce(out, reduction="sum")  # each entry is set on exactly one rank, zero elsewhere
         out = out.cpu()
+        chosen, rejected = out[:, 0].contiguous(), out[:, 1:].contiguous()
+        rejected = rejected if K else rejected[:, 0].contiguous()
         if acc.is_main_process:  # the file format of reference.precompute, so either fills the same cache
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".tmp{os.getpid()}")
-            save_file({"chosen": out[0].contiguous(), "rejected": out[1].contiguous()}, str(tmp))
+            save_file({"chosen": chosen, "rejected": rejected}, str(tmp))
             os.replace(tmp, path)
-        return out[0], out[1]
+        return chosen, rejected
 
     # ------------------------------------------------------------ one batch
 
@@ -249,7 +292,10 @@ class Loop:
         batch = {k: v.to(self.acc.device) for k, v in self._collate([examples[i] for i in indices]).items()}
         if ref is not None:
             idx = torch.tensor(indices)
-            batch["ref_chosen"], batch["ref_rejected"] = ref[0][idx].to(self.acc.device), ref[1][idx].to(self.acc.device)
+            rejected = ref[1][idx]
+            if rejected.dim() == 2:  # S-DPO groups: as many columns as this batch's largest group
+                rejected = rejected[:, :batch["rejected_mask"].shape[1]]
+            batch["ref_chosen"], batch["ref_rejected"] = ref[0][idx].to(self.acc.device), rejected.to(self.acc.device)
         return batch
 
     @torch.no_grad()
@@ -274,14 +320,13 @@ class Loop:
         if "ref_chosen" in batch:
             ref_c, ref_r = batch["ref_chosen"], batch["ref_rejected"]
         elif self.cfg.reference_free:
-            ref_c = ref_r = torch.zeros_like(terms.chosen)
+            ref_c, ref_r = torch.zeros_like(terms.chosen), torch.zeros_like(terms.rejected)
         else:
             ref_c, ref_r = self._reference_logps(batch)
         t = Terms(terms.chosen.float(), terms.rejected.float(), ref_c, ref_r, terms.chosen_len, terms.rejected_len,
-                  batch["margin"])
+                  batch["margin"], label=batch.get("label"), rejected_mask=batch.get("rejected_mask"))
         loss, metrics = objective(t, batch["weight"], self.cfg.loss_types, self.cfg.loss_weights, self.obj_cfg)
-        metrics["logits/chosen"] = terms.chosen_logits
-        metrics["logits/rejected"] = terms.rejected_logits
+        metrics.update(logit_metrics(t, terms.chosen_logits, terms.rejected_logits))
         return loss, metrics
 
     # ------------------------------------------------------------ the loop
@@ -370,6 +415,8 @@ class Loop:
         state = {"global_step": 0, "epoch": 0, "pos": 0, "window": {}}
         if self.resume_dir is not None:
             state = checkpoint.load(self.resume_dir, self.scorer, self.optimizer, self.scheduler, acc)
+            if cfg.sync_ref_model:
+                self._load_reference(self.resume_dir)
             log.info("resumed from %s at step %d", self.resume_dir, state["global_step"])
         sinks = make_sinks(cfg.report_to, self.out, cfg.to_dict(), state["global_step"] if self.resume_dir else None) \
             if acc.is_main_process else []
@@ -387,13 +434,16 @@ class Loop:
                 pos = self._step(order, pos, means, step)
                 step += 1
                 bar.update(1)
+                if cfg.sync_ref_model and step % cfg.ref_model_sync_steps == 0:
+                    self._sync_reference()
                 if step % cfg.logging_steps == 0 or step == self.total_steps:
                     row = {**means.means(acc), "learning_rate": lr, "epoch": round(epoch + pos / n, 4)}
                     means = _Means(acc.device)
                     history.append({"step": step, **row})
                     for s in sinks:
                         s.log(step, row)
-                    bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['rewards/accuracies']:.2f}")
+                    accuracy = {"acc": f"{row['rewards/accuracies']:.2f}"} if "rewards/accuracies" in row else {}
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", **accuracy)  # unpaired data has no accuracy
                 if cfg.eval_steps and step % cfg.eval_steps == 0 and step < self.total_steps:
                     self._log_eval(step, sinks, history)
                 if cfg.save_steps and step % cfg.save_steps == 0 and step < self.total_steps:
@@ -401,7 +451,7 @@ class Loop:
                     checkpoint.save(self.out / f"checkpoint-{step}", self.scorer, self.optimizer, self.scheduler,
                                     {"global_step": step, "epoch": epoch_next, "pos": pos_next,
                                      "window": means.totals(acc)},
-                                    cfg.save_total_limit, acc)
+                                    cfg.save_total_limit, acc, extra=self._reference_state())
             if pos >= n:
                 epoch, pos = epoch + 1, 0
         bar.close()

@@ -6,6 +6,12 @@ Three layouts, as TRL users have them:
 - implicit prompt: only `chosen` and `rejected`, each a whole dialogue; the prompt is the
   shared dialogue up to the last assistant turn (Anthropic HH style strings, or message lists).
 Optional per-row `weight` (scales the pair's loss) and `margin` (the chosen must win by it).
+
+Two more shapes, for objectives that are not pairwise:
+- S-DPO groups: `rejected` a *list* of replies (strings or message lists), one chosen against
+  several rejected (the `rankings` recipe's `sdpo` mode writes them);
+- unpaired (KTO, TRL's unpaired preference format): `prompt`, `completion` and `label`
+  (true: desirable, false: undesirable); optional `weight`.
 """
 
 from __future__ import annotations
@@ -29,6 +35,35 @@ class Pair:
     rejected: str | list[dict]
     weight: float = 1.0
     margin: float = 0.0
+
+    @property
+    def conversational(self) -> bool:
+        return isinstance(self.prompt, list)
+
+
+@dataclass
+class Group:
+    """One chosen reply against several rejected ones (S-DPO)."""
+
+    prompt: str | list[dict]
+    chosen: str | list[dict]
+    rejected: list  # of replies, each a string or a message list
+    weight: float = 1.0
+    margin: float = 0.0
+
+    @property
+    def conversational(self) -> bool:
+        return isinstance(self.prompt, list)
+
+
+@dataclass
+class Unpaired:
+    """One completion labelled desirable or not (KTO)."""
+
+    prompt: str | list[dict]
+    completion: str | list[dict]
+    label: bool
+    weight: float = 1.0
 
     @property
     def conversational(self) -> bool:
@@ -139,7 +174,67 @@ def row_to_pair(row: dict) -> Pair:
             raise RowProblem(f"the {key} reply is empty")
     if chosen == rejected:
         raise RowProblem("chosen and rejected are identical")
+    return Pair(prompt, chosen, rejected, weight=_weight(row), margin=_number(row, "margin", 0.0))
+
+
+def _weight(row: dict) -> float:
     weight = _number(row, "weight", 1.0)
     if weight < 0:
         raise RowProblem(f"field 'weight' must be >= 0, got {weight}")
-    return Pair(prompt, chosen, rejected, weight=weight, margin=_number(row, "margin", 0.0))
+    return weight
+
+
+def is_unpaired_row(row: dict) -> bool:
+    return "completion" in row or "label" in row
+
+
+def _is_reply_list(value: Any) -> bool:
+    """A list of replies (S-DPO), not one conversational reply (a list of messages)."""
+    return isinstance(value, list) and bool(value) and all(isinstance(v, (str, list)) for v in value)
+
+
+def row_to_group(row: dict) -> Group:
+    chosen = _field(row, "chosen")
+    rejected = [_field({f"rejected[{k}]": r}, f"rejected[{k}]") for k, r in enumerate(row["rejected"])]
+    if "prompt" in row and row["prompt"] is not None:
+        prompt = _field(row, "prompt")
+    else:
+        splits = [split_implicit_prompt(chosen, r) for r in rejected]  # each must agree with chosen on the prompt
+        prompt, chosen, rejected = splits[0][0], splits[0][1], [r for _, _, r in splits]
+    if len({isinstance(x, list) for x in (prompt, chosen, *rejected)}) != 1:
+        raise RowProblem("prompt, chosen and every rejected reply must all be strings or all be message lists")
+    if _blank(chosen):
+        raise RowProblem("the chosen reply is empty")
+    for k, reply in enumerate(rejected):
+        if _blank(reply):
+            raise RowProblem(f"rejected reply {k} is empty")
+        if reply == chosen:
+            raise RowProblem(f"chosen and rejected reply {k} are identical")
+    return Group(prompt, chosen, rejected, weight=_weight(row), margin=_number(row, "margin", 0.0))
+
+
+def row_to_unpaired(row: dict) -> Unpaired:
+    if "chosen" in row or "rejected" in row:
+        raise RowProblem("a row is either a pair (chosen, rejected) or unpaired (completion, label), not both")
+    if row.get("prompt") is None:
+        raise RowProblem("missing field 'prompt' (an unpaired row needs prompt, completion and label)")
+    prompt, completion = _field(row, "prompt"), _field(row, "completion")
+    if isinstance(prompt, list) != isinstance(completion, list):
+        raise RowProblem("prompt and completion must both be strings or both be message lists")
+    if _blank(completion):
+        raise RowProblem("the completion is empty")
+    label = row.get("label")
+    if not isinstance(label, bool):
+        raise RowProblem(f"field 'label' must be true (desirable) or false (undesirable), got {_short(label)}")
+    if row.get("margin") is not None:
+        raise RowProblem("field 'margin' has no meaning for an unpaired row")
+    return Unpaired(prompt, completion, label, weight=_weight(row))
+
+
+def row_to_item(row: dict) -> Pair | Group | Unpaired:
+    """Any training row: a pair, an S-DPO group (a list in `rejected`) or an unpaired completion."""
+    if is_unpaired_row(row):
+        return row_to_unpaired(row)
+    if _is_reply_list(row.get("rejected")):
+        return row_to_group(row)
+    return row_to_pair(row)

@@ -12,9 +12,9 @@ import logging
 from typing import Any, Callable
 
 from ..errors import DataError, DpokitError
-from .formats import Pair, RowProblem, row_to_pair
+from .formats import Pair, RowProblem, is_unpaired_row, row_to_item, row_to_pair
 from .readers import describe, iter_rows
-from .tokenize import Example, tokenize_pair
+from .tokenize import Example, tokenize_item
 
 log = logging.getLogger("dpokit")
 
@@ -33,10 +33,47 @@ def load_examples(source: Any, tokenizer, max_length: int | None, max_prompt_len
     if max_length is not None and max_length < 2:
         raise DpokitError(f"max_length must be >= 2 (a prompt token and a completion token), got {max_length}")
 
-    def convert(row: dict) -> Example:
-        return tokenize_pair(row_to_pair(row), tokenizer, max_length, max_prompt_length)
+    first_unpaired: list[bool] = []  # whether the first good row was unpaired: every row must agree
 
-    return _load(source, convert, on_bad_row)
+    def convert(row: dict) -> Example:
+        unpaired = is_unpaired_row(row)
+        if first_unpaired and unpaired != first_unpaired[0]:
+            raise RowProblem("unpaired rows (completion, label) and preference rows (chosen, rejected) are mixed "
+                             f"in one file; this row is {'unpaired' if unpaired else 'a preference row'}, the "
+                             f"first good row was not")
+        example = tokenize_item(row_to_item(row), tokenizer, max_length, max_prompt_length)
+        first_unpaired[:] = first_unpaired or [unpaired]
+        return example
+
+    examples = _load(source, convert, on_bad_row)
+    if any(ex.is_group for ex in examples):
+        for ex in examples:  # a plain pair in an S-DPO file is a group of one
+            if not ex.is_group:
+                ex.rejected_ids = [ex.rejected_ids]
+    if examples[0].label is not None:
+        _pair_mismatched(examples, describe(source), max_length)
+    return examples
+
+
+def _pair_mismatched(examples: list[Example], name: str, max_length: int | None) -> None:
+    """Give each unpaired example a completion from another row, for KTO's KL estimate.
+
+    As TRL rotates completions within a batch — (x_1, y_n), (x_2, y_1), ... — row i takes the
+    completion of row i − 1 (cyclically, over the whole file), stepping further back past rows
+    with the same prompt, so that the pair is mismatched. Fixed at load time, so the reference
+    log-probs of these pairs can be cached like any other.
+    """
+    n = len(examples)
+    if n < 2:
+        raise DataError(name, None, "unpaired (KTO) data needs at least 2 rows: each row's KL term is computed with "
+                                    "another row's completion")
+    same_prompt_everywhere = all(ex.prompt_ids == examples[0].prompt_ids for ex in examples)
+    for i, ex in enumerate(examples):
+        j = (i - 1) % n
+        while not same_prompt_everywhere and examples[j].prompt_ids == ex.prompt_ids:
+            j = (j - 1) % n
+        room = max_length - len(ex.prompt_ids) if max_length is not None else None
+        ex.rejected_ids = examples[j].chosen_ids[:room]
 
 
 def _load(source: Any, convert: Callable[[dict], Any], on_bad_row: str) -> list:

@@ -18,7 +18,8 @@ from torch import nn
 
 @dataclass
 class LogpTerms:
-    """Per-example log-likelihood terms; every tensor has shape [batch]."""
+    """Per-example log-likelihood terms, each of shape [batch]; the rejected ones are [batch, K] for
+    S-DPO groups (K rejected replies per prompt; the batch's `rejected_mask` marks the slots in use)."""
 
     chosen: torch.Tensor  # log p(y_w | x), summed over the completion
     rejected: torch.Tensor  # log p(y_l | x)

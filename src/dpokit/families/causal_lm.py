@@ -4,9 +4,12 @@ Batch layout. Each pair becomes one block `[prompt | chosen | rejected]` (share_
 two blocks `[prompt | chosen]`, `[prompt | rejected]`. With sharing, rejected tokens take
 positions that continue from the prompt and may not attend to chosen tokens, so each
 completion sees exactly the context it would see alone: the log-probs equal the unshared
-computation. By default (padding_free) the blocks of a batch lie end to end in one row with
-no padding, and attention runs block by block (see "attention block by block" below), so
-no token attends across blocks and attention costs the sum of squared block lengths.
+computation. An S-DPO group is one block `[prompt | chosen | rejected_1 | … | rejected_K]`
+under the same rule (each completion sees the prompt and itself), or K + 1 blocks unshared;
+an unpaired (KTO) item is a pair whose "rejected" is the mismatched completion.
+By default (padding_free) the blocks of a batch lie end to end in one row with no padding,
+and attention runs block by block (see "attention block by block" below), so no token
+attends across blocks and attention costs the sum of squared block lengths.
 Every target token carries the flat index of the hidden state that predicts it and the
 segment (chosen i or rejected i) it is summed into, so one scorer handles every layout.
 The LM head runs only on those hidden states, `logits_chunk_size` at a time.
@@ -28,7 +31,7 @@ from .base import LogpTerms
 
 log = logging.getLogger("dpokit")
 
-PROMPT, CHOSEN, REJECTED = 0, 1, 2
+PROMPT, CHOSEN, REJECTED = 0, 1, 2  # parts of a block; rejected reply k of a group is part REJECTED + k
 
 
 # ---------------------------------------------------------------- loading
@@ -81,26 +84,34 @@ def apply_lora(model: nn.Module, lora: dict) -> nn.Module:
 # ---------------------------------------------------------------- batches
 
 
-def _blocks(ex: Example, share_prompt: bool) -> list[tuple[list[int], int, int, int]]:
-    """One pair as blocks of (tokens, prompt, chosen, rejected lengths): [p|c|r] or [p|c], [p|r]."""
-    p, c, r = ex.prompt_ids, ex.chosen_ids, ex.rejected_ids
+def _blocks(ex: Example, share_prompt: bool, K: int) -> list[tuple[list[int], list[int]]]:
+    """One example as blocks of (tokens, part lengths [prompt, chosen, rejected_1, …, rejected_K]), padded
+    with zero lengths to the batch's K: [p|c|r_1|…] shared, or [p|c], [p|r_1], … unshared."""
+    p, c, negatives = ex.prompt_ids, ex.chosen_ids, ex.negatives
+    lengths = [len(r) for r in negatives] + [0] * (K - len(negatives))
     if share_prompt:
-        return [(p + c + r, len(p), len(c), len(r))]
-    return [(p + c, len(p), len(c), 0), (p + r, len(p), 0, len(r))]
+        return [(p + c + [t for r in negatives for t in r], [len(p), len(c), *lengths])]
+    blocks = [(p + c, [len(p), len(c)] + [0] * K)]
+    for k, r in enumerate(negatives):
+        blocks.append((p + r, [len(p), 0] + [len(r) if j == k else 0 for j in range(K)]))
+    return blocks
 
 
-def _targets(P: int, C: int, R: int, base: int, pred: list, target: list, seg: list, tokens: list,
-             chosen_seg: int, rejected_seg: int) -> None:
-    """Which hidden state predicts which completion token, for one block starting at flat index `base`.
-    The last prompt token predicts each completion's first token; with no prompt (tokenization can
-    merge the boundary away) the first completion token has nothing before it and is not scored, as in TRL."""
-    for start, n, segment in ((P, C, chosen_seg), (P + C, R, rejected_seg)):
-        if n == 0:
-            continue
-        sources = ([P - 1] if P > 0 else []) + list(range(start, start + n - 1))
-        pred.extend(base + s for s in sources)
-        target.extend(tokens[start + n - len(sources):start + n])
-        seg.extend([segment] * len(sources))
+def _targets(sizes: list[int], base: int, pred: list, target: list, seg: list, tokens: list,
+             segments: list[int]) -> None:
+    """Which hidden state predicts which completion token, for one block starting at flat index `base`;
+    completion part s (1 chosen, 2… rejected) is summed into segment `segments[s - 1]`. The last prompt
+    token predicts each completion's first token; with no prompt (tokenization can merge the boundary
+    away) the first completion token has nothing before it and is not scored, as in TRL."""
+    P = sizes[0]
+    start = P
+    for n, segment in zip(sizes[1:], segments):
+        if n:
+            sources = ([P - 1] if P > 0 else []) + list(range(start, start + n - 1))
+            pred.extend(base + s for s in sources)
+            target.extend(tokens[start + n - len(sources):start + n])
+            seg.extend([segment] * len(sources))
+        start += n
 
 
 def collate(examples: list[Example], pad_token_id: int, share_prompt: bool = True, padding_free: bool = True,
@@ -116,7 +127,9 @@ def collate(examples: list[Example], pad_token_id: int, share_prompt: bool = Tru
       blind to chosen, without it the plain causal mask of the library (TRL's layout).
     """
     B = len(examples)
-    blocks = [(i, blk) for i, ex in enumerate(examples) for blk in _blocks(ex, share_prompt)]
+    groups = any(ex.is_group for ex in examples)
+    K = max(len(ex.negatives) for ex in examples)
+    blocks = [(i, blk) for i, ex in enumerate(examples) for blk in _blocks(ex, share_prompt, K)]
     one_row = padding_free and attn_implementation in BLOCK_ATTENTION_INNER
     rows: list[list[tuple]] = []
     for i, blk in blocks:
@@ -134,15 +147,17 @@ def collate(examples: list[Example], pad_token_id: int, share_prompt: bool = Tru
     pred, target, seg, sizes = [], [], [], []
     for r, (_, row) in enumerate(rows):
         offset = 0
-        for i, (tokens, P, C, R) in row:
-            n = P + C + R
+        for i, (tokens, lengths) in row:
+            n, P = len(tokens), lengths[0]
             input_ids[r, offset:offset + n] = torch.tensor(tokens)
-            # rejected tokens continue from the prompt's positions, as if chosen were not there
-            position_ids[r, offset:offset + n] = torch.cat([torch.arange(P + C), torch.arange(P, P + R)])
-            part[r, offset:offset + n] = torch.tensor([PROMPT] * P + [CHOSEN] * C + [REJECTED] * R)
+            # each completion's positions continue from the prompt's, as if the others were not there
+            position_ids[r, offset:offset + n] = torch.cat([torch.arange(P)] +
+                                                           [torch.arange(P, P + m) for m in lengths[1:]])
+            part[r, offset:offset + n] = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
             block_id[r, offset:offset + n] = len(sizes)
-            sizes.append((P, C, R))
-            _targets(P, C, R, r * T + offset, pred, target, seg, tokens, i, B + i)
+            sizes.append(lengths)
+            # segments: chosen i → i, rejected k of example i → B + i·K + k
+            _targets(lengths, r * T + offset, pred, target, seg, tokens, [i] + [B + i * K + k for k in range(K)])
             offset += n
     batch = {
         "input_ids": input_ids,
@@ -153,6 +168,10 @@ def collate(examples: list[Example], pad_token_id: int, share_prompt: bool = Tru
         "weight": torch.tensor([ex.weight for ex in examples], dtype=torch.float32),
         "margin": torch.tensor([ex.margin for ex in examples], dtype=torch.float32),
     }
+    if groups:  # [B, K]: which of the K rejected slots hold a reply (S-DPO groups differ in size)
+        batch["rejected_mask"] = torch.tensor([[k < len(ex.negatives) for k in range(K)] for ex in examples])
+    if examples[0].label is not None:
+        batch["label"] = torch.tensor([bool(ex.label) for ex in examples])
     if one_row:
         batch["block_sizes"] = torch.tensor(sizes, dtype=torch.long)
     elif not share_prompt and not padding_free:
@@ -162,13 +181,17 @@ def collate(examples: list[Example], pad_token_id: int, share_prompt: bool = Tru
     return batch
 
 
+def _sees(part: torch.Tensor) -> torch.Tensor:
+    """[..., T, T]: query part may look at key part — the prompt and its own completion only."""
+    return (part[..., None, :] == PROMPT) | (part[..., :, None] == part[..., None, :])
+
+
 def _block_mask(block_id: torch.Tensor, part: torch.Tensor, attn_implementation: str) -> torch.Tensor:
-    """[rows, 1, T, T]: causal within a block, none across blocks, rejected blind to chosen."""
+    """[rows, 1, T, T]: causal within a block, none across blocks, each completion blind to the others."""
     T = block_id.shape[1]
     same = block_id[:, :, None] == block_id[:, None, :]
     causal = torch.ones(T, T, dtype=torch.bool).tril()
-    cross = (part[:, :, None] == REJECTED) & (part[:, None, :] == CHOSEN)
-    allowed = same & causal & ~cross
+    allowed = same & causal & _sees(part)
     allowed |= torch.eye(T, dtype=torch.bool)  # pad queries see themselves, so no row is all -inf
     allowed = allowed[:, None]
     if attn_implementation == "sdpa":
@@ -245,15 +268,17 @@ def use_block_attention(model: nn.Module) -> bool:
 
 def _blocks_kwargs(batch: dict[str, torch.Tensor], dtype: torch.dtype, inner: str):
     """The per-block masks (stacked, padded to the longest block) and the blocks' lengths and positions."""
-    sizes = batch["block_sizes"]
-    P, C, R = sizes[:, 0:1], sizes[:, 1:2], sizes[:, 2:3]
-    lengths = (P + C + R).squeeze(1)
+    sizes = batch["block_sizes"]  # [blocks, parts]: prompt, chosen, rejected_1, … lengths
+    ends = sizes.cumsum(1)
+    lengths = ends[:, -1]
     L = int(lengths.max())
     idx = torch.arange(L, device=sizes.device)[None, :]
-    part = (idx >= P).long() + (idx >= P + C).long()  # 0 prompt, 1 chosen, 2 rejected (and padding)
-    positions = torch.where(part == 2, idx - C, idx)
+    # the part each token lies in (an empty part is skipped; padding past the block gets the last part)
+    part = (idx[:, :, None] >= ends[:, None, :-1]).sum(-1)
+    start = (ends - sizes).gather(1, part)
+    positions = torch.where(part == PROMPT, idx, sizes[:, :1] + idx - start)  # completions continue the prompt
     causal = idx[:, :, None] >= idx[:, None, :]
-    allowed = causal & ~((part[:, :, None] == REJECTED) & (part[:, None, :] == CHOSEN))
+    allowed = causal & _sees(part)
     mask = allowed[:, None]
     if inner == "eager":
         mask = torch.zeros(mask.shape, dtype=dtype, device=sizes.device).masked_fill_(~mask, torch.finfo(dtype).min)
@@ -263,7 +288,7 @@ def _blocks_kwargs(batch: dict[str, torch.Tensor], dtype: torch.dtype, inner: st
 def _row_mask(sizes: torch.Tensor, attn_implementation: str) -> torch.Tensor:
     """The [1, 1, N, N] mask of a one-row block batch, for models without block attention."""
     block_id = torch.repeat_interleave(torch.arange(len(sizes), device=sizes.device), sizes.sum(1))[None]
-    parts = torch.tensor([PROMPT, CHOSEN, REJECTED], device=sizes.device).repeat(len(sizes))
+    parts = torch.arange(sizes.shape[1], device=sizes.device).repeat(len(sizes))
     part = torch.repeat_interleave(parts, sizes.flatten())[None]
     return _block_mask(block_id, part, attn_implementation)
 
@@ -345,12 +370,16 @@ class CausalLMScorer(nn.Module):
             logp = torch.cat([p[0] for p in pieces])
             mean_logit = torch.cat([p[1] for p in pieces])
         B = batch["weight"].shape[0]
+        K = batch["rejected_mask"].shape[1] if "rejected_mask" in batch else 1
         seg = batch["seg_index"]
-        sums = torch.zeros(2 * B, dtype=logp.dtype, device=logp.device).index_add(0, seg, logp)
-        counts = torch.zeros(2 * B, dtype=logp.dtype, device=logp.device).index_add(0, seg, torch.ones_like(logp))
-        logit_sums = torch.zeros(2 * B, dtype=logp.dtype, device=logp.device).index_add(0, seg, mean_logit)
+        sums = torch.zeros((1 + K) * B, dtype=logp.dtype, device=logp.device).index_add(0, seg, logp)
+        counts = torch.zeros((1 + K) * B, dtype=logp.dtype, device=logp.device).index_add(0, seg, torch.ones_like(logp))
+        logit_sums = torch.zeros((1 + K) * B, dtype=logp.dtype, device=logp.device).index_add(0, seg, mean_logit)
         mean_logits = logit_sums / counts.clamp(min=1)
-        return LogpTerms(sums[:B], sums[B:], counts[:B], counts[B:], mean_logits[:B], mean_logits[B:])
+        # rejected terms: [B] for pairs, [B, K] for S-DPO groups
+        shape = (B, K) if "rejected_mask" in batch else (B,)
+        return LogpTerms(sums[:B], sums[B:].view(shape), counts[:B], counts[B:].view(shape), mean_logits[:B],
+                         mean_logits[B:].view(shape))
 
 
 # ---------------------------------------------------------------- the family
