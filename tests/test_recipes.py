@@ -243,3 +243,16 @@ def test_cli_data_build_and_validate(tmp_path, capsys):
     assert "would overwrite the input" in capsys.readouterr().err
     assert main(["data", "build", "votes", str(src), str(out), "--min-ratio", "0.5"]) == 2
     assert "min_ratio must be >= 1" in capsys.readouterr().err
+
+
+def test_validate_accepts_every_row_kind_training_accepts(tmp_path):
+    from dpokit.recipes.validate import validate
+
+    path = tmp_path / "mixed.jsonl"
+    rows = [{"prompt": "Pick a fruit.", "chosen": " An apple.", "rejected": [" A chair.", " A rock."]},
+            {"prompt": "Say hi.", "completion": " Hello!", "label": True},
+            {"prompt": "Name a color.", "chosen": " Blue.", "rejected": " Blue."}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    report = validate(str(path))
+    assert report.kinds == {"group": 1, "unpaired": 1}
+    assert report.bad_rows == 1 and report.identical == 1  # the last row's replies are identical

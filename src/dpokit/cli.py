@@ -36,10 +36,15 @@ def _tiny_model(args) -> None:
     from .data import read_rows
     from .tiny import build_llama, build_tokenizer
 
-    texts = []
-    for _, row in read_rows(args.data):
-        texts += [v if isinstance(v, str) else " ".join(m.get("content", "") for m in v)
-                  for k, v in row.items() if k in ("prompt", "chosen", "rejected") and isinstance(v, (str, list))]
+    def text(value) -> str:  # a string, a message list, or a list of replies (S-DPO groups)
+        if isinstance(value, str):
+            return value
+        if isinstance(value, dict):
+            return str(value.get("content", ""))
+        return " ".join(text(v) for v in value) if isinstance(value, list) else ""
+
+    texts = [text(v) for _, row in read_rows(args.data) for k, v in row.items()
+             if k in ("prompt", "chosen", "rejected", "completion")]
     tokenizer = build_tokenizer(texts, vocab_size=args.vocab_size)
     model = build_llama(tokenizer, hidden_size=args.hidden_size, num_layers=args.layers,
                         intermediate_size=args.intermediate_size, num_heads=args.heads)
@@ -101,8 +106,14 @@ def _bench(args) -> None:
     run_bench(args)
 
 
+def _experiment(args) -> None:
+    from .experiments.frontier import run_frontier
+
+    run_frontier(out=args.out, quick=args.quick, seed=args.seed, docs_dir=args.docs)
+
+
 COMMANDS = {"train": _train, "demo": _demo, "tiny-model": _tiny_model, "eval": _eval, "score": _score,
-            "report": _report, "data": _data, "bench": _bench}
+            "report": _report, "data": _data, "bench": _bench, "experiment": _experiment}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -156,6 +167,13 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench import add_arguments as bench_arguments
 
     bench_arguments(p)
+    p = sub.add_parser("experiment", help="rerun a paper's experiment on the controlled task (no downloads)")
+    p.add_argument("name", choices=["frontier"], help="frontier: reward vs KL for DPO, IPO, cDPO, robust DPO and "
+                                                      "preferred-FT, clean and with 20%% flipped labels (DPO paper, Fig. 2)")
+    p.add_argument("--quick", action="store_true", help="a small run, for smoke tests")
+    p.add_argument("--out", default="runs/frontier", help="output dir: runs, frontier.json/.svg/.md")
+    p.add_argument("--docs", help="also write the plot and the 'Reward vs KL frontier' section of DOCS/experiments.md")
+    p.add_argument("--seed", type=int, default=0)
     from .recipes.cli import register as register_data
 
     register_data(sub)  # dpokit data build|validate|asr

@@ -16,7 +16,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ..data import RowProblem, iter_rows, row_to_pair, tokenize_pair
+from ..data import Pair, RowProblem, iter_rows, row_to_item, tokenize_item
 from ..data.readers import describe
 from .common import same_text
 
@@ -27,6 +27,7 @@ class Report:
     rows: int = 0
     usable: int = 0
     problems: dict[str, list[int]] = field(default_factory=dict)  # problem → row numbers
+    kinds: dict[str, int] = field(default_factory=dict)  # pair / group (S-DPO) / unpaired (KTO) → rows
     identical: int = 0  # replies equal (rejected by the loader) or equal up to whitespace (accepted, useless)
     repeated_pairs: int = 0  # rows that repeat an earlier row's prompt, chosen and rejected
     prompts_with_several_pairs: int = 0
@@ -75,16 +76,20 @@ def validate(source: Any, tokenizer=None, max_length: int | None = None,
         try:
             if isinstance(row, RowProblem):
                 raise row
-            pair = row_to_pair(row)
+            pair = row_to_item(row)
             if tokenizer is not None:
-                whole = tokenize_pair(pair, tokenizer, None, None)
-                tokenize_pair(pair, tokenizer, max_length, max_prompt_length)  # what training would do
+                whole = tokenize_item(pair, tokenizer, None, None)
+                tokenize_item(pair, tokenizer, max_length, max_prompt_length)  # what training would do
         except RowProblem as e:
             report.problems.setdefault(str(e), []).append(number)
             if "identical" in str(e):
                 report.identical += 1
             continue
         report.usable += 1
+        kind = {"Pair": "pair", "Group": "group", "Unpaired": "unpaired"}[type(pair).__name__]
+        report.kinds[kind] = report.kinds.get(kind, 0) + 1
+        if not isinstance(pair, Pair):  # the pair statistics below compare one chosen with one rejected
+            continue
         if same_text(pair.chosen, pair.rejected):
             report.identical += 1
         for name in chars:
@@ -116,6 +121,8 @@ def validate(source: Any, tokenizer=None, max_length: int | None = None,
 
 def format_report(r: Report, max_length: int | None = None, max_prompt_length: int | None = None) -> str:
     lines = [f"{r.source}: {r.rows} rows, {r.usable} usable, {r.bad_rows} with problems"]
+    if set(r.kinds) - {"pair"}:
+        lines.append("row kinds: " + ", ".join(f"{k} {n}" for k, n in sorted(r.kinds.items())))
     if r.problems:
         lines.append("problems (training stops at the first with on_bad_row=error; on_bad_row=skip drops them):")
         for problem, rows in sorted(r.problems.items(), key=lambda kv: -len(kv[1])):
