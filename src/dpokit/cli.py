@@ -107,6 +107,13 @@ def _bench(args) -> None:
 
 
 def _experiment(args) -> None:
+    if args.name in ("secalign", "hierarchy"):
+        from importlib import import_module
+
+        module = import_module(f".experiments.{args.name}", __package__)
+        module.run(args.out if args.out != "runs/frontier" else f"runs/{args.name}", quick=args.quick, seed=args.seed,
+                   docs_dir=args.docs)
+        return
     from .experiments.frontier import run_frontier
 
     run_frontier(out=args.out, quick=args.quick, seed=args.seed, docs_dir=args.docs)
@@ -168,11 +175,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench_arguments(p)
     p = sub.add_parser("experiment", help="rerun a paper's experiment on the controlled task (no downloads)")
-    p.add_argument("name", choices=["frontier"], help="frontier: reward vs KL for DPO, IPO, cDPO, robust DPO and "
-                                                      "preferred-FT, clean and with 20%% flipped labels (DPO paper, Fig. 2)")
+    p.add_argument("name", choices=["frontier", "secalign", "hierarchy"],
+                   help="frontier: reward vs KL for DPO, IPO, cDPO, robust DPO and preferred-FT, clean and with "
+                        "20%% flipped labels (DPO paper, Fig. 2); secalign: prompt-injection defence by DPO "
+                        "(SecAlign); hierarchy: GW-DPO vs DPO on a 5-level instruction hierarchy")
     p.add_argument("--quick", action="store_true", help="a small run, for smoke tests")
-    p.add_argument("--out", default="runs/frontier", help="output dir: runs, frontier.json/.svg/.md")
-    p.add_argument("--docs", help="also write the plot and the 'Reward vs KL frontier' section of DOCS/experiments.md")
+    p.add_argument("--out", default="runs/frontier", help="output dir: runs, frontier.json/.svg/.md "
+                                                         "(secalign, hierarchy: runs/NAME, NAME.json)")
+    p.add_argument("--docs", help="also write the plot and the 'Reward vs KL frontier' section of DOCS/experiments.md "
+                                  "(secalign, hierarchy: their own sections)")
     p.add_argument("--seed", type=int, default=0)
     from .recipes.cli import register as register_data
 

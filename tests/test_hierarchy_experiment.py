@@ -1,0 +1,98 @@
+"""The GW-DPO hierarchy experiment: conflicts and their labels, the warm-up's behaviour, the margins the
+runs train with, held-out splits, exact reply probabilities, and (slow) a quick end-to-end run."""
+
+import random
+from collections import Counter
+
+import pytest
+import torch
+
+from dpokit.experiments import hierarchy as hy
+from dpokit.objectives import HIERARCHY
+from dpokit.recipes.hierarchy import hierarchy_margins
+from dpokit.tiny import build_llama, build_tokenizer
+
+
+def _lines(prompt):
+    return [line.split(": Say ") for line in prompt.splitlines()[:-1]]
+
+
+def test_conflict_pairs_choose_the_higher_source_over_all_ten_level_pairs_in_both_orders():
+    rows = hy.preference_rows(1000, seed=0)
+    assert len(hy.LEVEL_PAIRS) == 10 and len({(r["privileged_level"], r["conflicting_level"]) for r in rows}) == 10
+    first_is_higher = 0
+    for r in rows:
+        (l1, w1), (l2, w2) = [(name, word.rstrip(".")) for name, word in _lines(r["prompt"])]
+        by_level = {l1: w1, l2: w2}
+        hi, lo = (l1, l2) if HIERARCHY.index(l1) > HIERARCHY.index(l2) else (l2, l1)
+        assert (r["chosen"], r["rejected"]) == (by_level[hi], by_level[lo]) and w1 != w2
+        assert (r["privileged_level"], r["conflicting_level"]) == (hi, lo)
+        first_is_higher += l1 == hi
+    assert 400 < first_is_higher < 600  # position says nothing about priority
+
+
+def test_gw_margins_grow_with_the_level_gap():
+    rows = hy.preference_rows(300, seed=1)
+    linear = hierarchy_margins(rows, "linear", 0.5).rows
+    bilateral = hierarchy_margins(rows, "bilateral", 0.5).rows
+    for r, lin, bil in zip(rows, linear, bilateral):
+        p, q = HIERARCHY.index(r["privileged_level"]) + 1, HIERARCHY.index(r["conflicting_level"]) + 1
+        assert lin["margin"] == pytest.approx(0.5 * (p - q))
+        assert bil["margin"] == pytest.approx(0.5 * (p - q) * p / 5)
+        assert (lin["prompt"], lin["chosen"], lin["rejected"]) == (r["prompt"], r["chosen"], r["rejected"])
+
+
+def test_warmup_ignores_the_hierarchy_and_over_refuses_two_source_prompts():
+    rows = hy.warmup_rows(6000, seed=2)
+    counts = Counter()
+    for r in rows:
+        lines = _lines(r["prompt"])
+        words = [w.rstrip(".") for _, w in lines]
+        if len(lines) == 2 and words[0] != words[1]:
+            levels = [HIERARCHY.index(name) for name, _ in lines]
+            higher = words[levels.index(max(levels))]
+            counts["conflict"] += 1
+            counts["higher"] += r["completion"] == higher
+            counts["refuse"] += r["completion"] == hy.REFUSAL
+        elif len(lines) == 2:
+            counts["agree"] += 1
+            counts["agree_refused"] += r["completion"] == hy.REFUSAL
+        else:
+            counts["single_refused"] += r["completion"] == hy.REFUSAL
+    assert abs(counts["higher"] / counts["conflict"] - 0.4) < 0.04
+    assert abs(counts["refuse"] / counts["conflict"] - 0.2) < 0.04
+    assert abs(counts["agree_refused"] / counts["agree"] - 0.2) < 0.04 and counts["single_refused"] == 0
+
+
+def test_heldout_prompts_are_new_and_balanced():
+    train = hy.preference_rows(500, seed=3)
+    seen = {r["prompt"] for r in train}
+    conflicts, benigns = hy.heldout(7, 50, seed=4, exclude=seen)
+    assert not seen & {c["prompt"] for c in conflicts} and not seen & {b["prompt"] for b in benigns}
+    assert Counter((c["privileged_level"], c["conflicting_level"]) for c in conflicts) == \
+        {(HIERARCHY[h - 1], HIERARCHY[lo - 1]): 7 for h, lo in hy.LEVEL_PAIRS}
+    assert len(benigns) == 50 and all(b["word"] in b["prompt"] for b in benigns)
+
+
+def test_reply_probabilities_are_the_models_own():
+    prompts = [hy.render([(5, "apple"), (1, "river")]), hy.render([(2, "lemon")])]
+    tokenizer = build_tokenizer([hy.render([(k + 1, w)]) for k in range(5) for w in hy.WORDS] + [hy.REFUSAL], 300)
+    model = build_llama(tokenizer, hidden_size=32, num_layers=1, seed=0).eval()
+    p_a, p_b = hy.reply_probs(model, tokenizer, prompts, ["apple", "lemon"], [hy.REFUSAL, "river"])
+    for prompt, reply, got in [(prompts[0], "apple", p_a[0]), (prompts[1], "lemon", p_a[1]),
+                               (prompts[0], hy.REFUSAL, p_b[0]), (prompts[1], "river", p_b[1])]:
+        ids = tokenizer(prompt)["input_ids"]
+        full = tokenizer(prompt + reply)["input_ids"] + [tokenizer.eos_token_id]
+        with torch.no_grad():
+            logp = model(torch.tensor([full])).logits[0, :-1].log_softmax(-1)
+        want = sum(logp[t - 1, full[t]] for t in range(len(ids), len(full))).exp()
+        assert got.item() == pytest.approx(want.item(), rel=1e-4)
+
+
+@pytest.mark.slow
+def test_quick_run_learns_the_hierarchy(tmp_path):
+    r = hy.run(tmp_path, quick=True)
+    table = r["summary"]["table"]
+    for method in ("DPO", "GW-DPO linear ×1", "GW-DPO bilateral ×1"):
+        assert table[method]["adherence"] > table["warm-up"]["adherence"] + 0.05
+    assert (tmp_path / "hierarchy.json").exists()
