@@ -13,7 +13,11 @@ RSS, and dpokit and TRL runs alternate so a change of load on a shared machine h
 The timed part is what one epoch costs from a cold start: for dpokit the reference
 log-probs (computed and cached; the cache starts empty on every run) plus the training
 epoch; for TRL `trainer.train()` with its defaults (reference model held in memory and run
-at every step). Model loading and tokenization are timed separately ("setup").
+at every step, gradient checkpointing on, rows padded to the longest in the batch; change
+them with --trl-set). Model loading and tokenization are timed separately ("setup").
+Process CPU seconds are reported too: on a shared machine wall time mostly measures the
+neighbours, CPU time (best with --threads 1, where no thread spins waiting for another)
+measures the work.
 
 Useful work is 8 x parameters x distinct tokens (policy forward + backward = 6, reference
 forward = 2); the fraction of the hardware limit is that over the time, over an fp32
@@ -340,12 +344,12 @@ def compare(s: Settings, repeats: int, data: Path | None, prompt_tokens: int | N
                 r = _spawn(kind, work, s, (dpokit_overrides if kind == "dpokit" else trl_overrides) or {})
                 r["load"] = _load()
                 runs[kind].append(r)
+                # The peak is measured again after every run and the best kept: on a shared machine one
+                # measurement can catch a busy moment and flatter the fractions.
+                peak = max(peak or 0.0, matmul_peak_gflops())
                 ref = f", reference {r['ref_s']:.1f} s" if r["ref_s"] is not None else ""
                 say(f"  run {i + 1}/{repeats} {kind:6s} {r['seconds']:7.1f} s{ref} ({info['pairs'] / r['seconds']:.2f} "
                     f"pairs/s, {r['train_cpu_s']:.0f} CPU s, peak RSS {r['peak_rss_mb']:.0f} MB; load {r['load']})")
-        # The peak is measured again after the runs and the best kept: on a shared machine a single
-        # measurement can catch a busy moment and flatter the fractions.
-        peak = max(peak or 0.0, matmul_peak_gflops())
         out = {"info": info, "settings": s.__dict__, "peak_gflops": peak,
                **{k: _summary(v, info, peak) for k, v in runs.items()}}
         out["ratio"] = out["dpokit"]["pairs_per_s"] / out["trl"]["pairs_per_s"]
@@ -360,8 +364,20 @@ def format_table(result: dict) -> str:
         lines.append(f"| {kind} | {r['pairs_per_s']:.2f} ({r['pairs_per_s_min']:.2f} - {r['pairs_per_s_max']:.2f}) | "
                      f"{r['tokens_per_s']:.0f} | {r['seconds']:.1f} | {r['cpu_s']:.1f} | {r['peak_rss_mb']:.0f} MB | "
                      f"{100 * r['hw_fraction']:.1f}% |")
-    lines.append(f"\ndpokit / TRL: {result['ratio']:.2f}x pairs/s; fp32 matmul peak measured "
-                 f"{result['peak_gflops']:.0f} GFLOP/s")
+    cpu_ratio = result["trl"]["cpu_s"] / result["dpokit"]["cpu_s"]
+    lines.append(f"\ndpokit / TRL: {result['ratio']:.2f}x pairs/s ({cpu_ratio:.2f}x less CPU time); fp32 matmul peak "
+                 f"measured {result['peak_gflops']:.0f} GFLOP/s")
+    return "\n".join(lines)
+
+
+def format_sweep(sweep: list[dict]) -> str:
+    lines = ["| prompt tokens (mean) | TRL pairs/s | dpokit pairs/s | dpokit / TRL | TRL CPU s | dpokit CPU s | "
+             "CPU-time ratio | TRL peak RSS | dpokit peak RSS |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in sweep:
+        t, d = r["trl"], r["dpokit"]
+        lines.append(f"| {r['info']['mean_prompt']:.0f} | {t['pairs_per_s']:.2f} | {d['pairs_per_s']:.2f} | "
+                     f"{r['ratio']:.2f}x | {t['cpu_s']:.1f} | {d['cpu_s']:.1f} | {t['cpu_s'] / d['cpu_s']:.2f}x | "
+                     f"{t['peak_rss_mb']:.0f} MB | {d['peak_rss_mb']:.0f} MB |")
     return "\n".join(lines)
 
 
@@ -396,6 +412,7 @@ def run_bench(args) -> None:
         res = compare(s, args.repeats, data, dpokit_overrides=ours, trl_overrides=theirs, peak=peak, say=say)
         print(format_table(res))
         results["main"] = res
+        peak = res["peak_gflops"]
     if args.prompt_lengths:
         sweep = []
         for p in args.prompt_lengths:
@@ -405,11 +422,8 @@ def run_bench(args) -> None:
             res = compare(sp, args.sweep_repeats, None, prompt_tokens=p, dpokit_overrides=ours, trl_overrides=theirs,
                           peak=peak, say=say)
             sweep.append(res)
-        print("| prompt tokens (mean) | TRL pairs/s | dpokit pairs/s | dpokit / TRL | TRL peak RSS | dpokit peak RSS |")
-        print("|---|---|---|---|---|---|")
-        for r in sweep:
-            print(f"| {r['info']['mean_prompt']:.0f} | {r['trl']['pairs_per_s']:.2f} | {r['dpokit']['pairs_per_s']:.2f} | "
-                  f"{r['ratio']:.2f}x | {r['trl']['peak_rss_mb']:.0f} MB | {r['dpokit']['peak_rss_mb']:.0f} MB |")
+            peak = res["peak_gflops"]
+        print(format_sweep(sweep))
         results["sweep"] = sweep
     print(f"load average after: {_load()}")
     if args.json:

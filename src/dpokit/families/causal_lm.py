@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from functools import partial
 from typing import Any
 
 import torch
@@ -358,15 +359,14 @@ class CausalLMScorer(nn.Module):
         hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch["pred_index"])
         targets = batch["target_ids"]
         n = targets.shape[0]
-        if n <= self.chunk_size:
+        size = self.chunk_size
+        if not size or n <= size:  # logits_chunk_size=0 turns chunking off
             logp, mean_logit = _token_logps(head, hidden, targets, scale, softcap)
         else:
             # Recompute each chunk's logits in backward, so peak memory follows the chunk, not tokens x vocab.
-            pieces = [
-                checkpoint(_token_logps, head, hidden[s:s + self.chunk_size], targets[s:s + self.chunk_size],
-                           scale, softcap, use_reentrant=False)
-                for s in range(0, n, self.chunk_size)
-            ]
+            # Without gradients there is nothing to recompute: the chunks simply run one after the other.
+            run = partial(checkpoint, _token_logps, use_reentrant=False) if torch.is_grad_enabled() else _token_logps
+            pieces = [run(head, hidden[s:s + size], targets[s:s + size], scale, softcap) for s in range(0, n, size)]
             logp = torch.cat([p[0] for p in pieces])
             mean_logit = torch.cat([p[1] for p in pieces])
         B = batch["weight"].shape[0]
