@@ -48,6 +48,7 @@ QUICK = dict(hidden=64, layers=2, sft_rows=4000, sft_steps=200, sft_lr=3e-3, sam
              eval_samples=8, rounds=2, dpo_epochs=2, dpo_lr=7e-5, beta=0.1)
 BATCH = 64
 MAX_NEW_TOKENS = 16
+MAX_LENGTH, MAX_PROMPT_LENGTH = 64, 32
 
 
 def warm_up(model, tokenizer, rows: list[dict], steps: int, lr: float, batch_size: int = BATCH, seed: int = 0) -> float:
@@ -142,14 +143,19 @@ def format_table(results: dict) -> str:
 def run_demo(output_dir: str | Path = "runs/demo", seed: int = 0, quick: bool = False) -> dict:
     """Warm-up, then DPO, on the controlled task; prints the before/after table and returns the results
     (also written to `<output_dir>/demo_results.json`)."""
-    threads = torch.get_num_threads()
+    from transformers.utils import logging as hf_logging
+
+    threads, bars = torch.get_num_threads(), hf_logging.is_progress_bar_enabled()
     # A model this small gains nothing from intra-op threads, and on a busy machine extra threads
     # spin against each other (ten times slower, measured on 2 shared cores).
     torch.set_num_threads(1)
+    hf_logging.disable_progress_bar()  # a load/save bar per round would bury the demo's own lines
     try:
         return _run(Path(output_dir), seed, quick)
     finally:
         torch.set_num_threads(threads)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def _run(out: Path, seed: int, quick: bool) -> dict:
@@ -176,7 +182,7 @@ def _run(out: Path, seed: int, quick: bool) -> dict:
     torch.manual_seed(seed + 1)
     heldout_path = out / "heldout_pairs.jsonl"
     _write_jsonl(heldout_path, tasks.make_pairs(tasks.sample(warm, tokenizer, heldout_prompts, k, MAX_NEW_TOKENS)))
-    heldout = load_examples(heldout_path, tokenizer, 64, 32)
+    heldout = load_examples(heldout_path, tokenizer, MAX_LENGTH, MAX_PROMPT_LENGTH)
     n = size["eval_samples"]
     warm_acc, _ = heldout_accuracy(warm, warm, heldout, tokenizer.pad_token_id)
     rows_out = [{"model": "warm-up (SFT)", "heldout_accuracy": warm_acc, "accuracy_kind": "log-prob",
@@ -196,7 +202,7 @@ def _run(out: Path, seed: int, quick: bool) -> dict:
             model=str(policy_dir), ref_model=str(warm_dir), train_data=str(round_dir / "pairs.jsonl"),
             eval_data=str(heldout_path), output_dir=str(round_dir), beta=size["beta"], learning_rate=size["dpo_lr"],
             num_train_epochs=size["dpo_epochs"], per_device_train_batch_size=32, per_device_eval_batch_size=128,
-            warmup_ratio=0.1, max_length=64, max_prompt_length=32, logging_steps=10, save_steps=0,
+            warmup_ratio=0.1, max_length=MAX_LENGTH, max_prompt_length=MAX_PROMPT_LENGTH, logging_steps=10, save_steps=0,
             disable_tqdm=True, seed=seed, ref_cache_dir=str(out / "ref-cache"),
         )
         result = train(cfg)

@@ -1,13 +1,13 @@
 """A controlled preference task with a ground-truth reward: say something positive about a thing.
 
-A prompt asks for a positive line about a subject, "Say something positive about the river.";
-a response describes the subject with adjectives, " The river is bright, tall and grim." Each
-adjective is positive, negative or neutral (fixed word lists). The ground-truth reward of a
-well-formed line about the prompt's subject is (positive − negative adjectives) / adjectives,
-in [-1, 1]; anything else (wrong subject, unknown words, broken form) scores -1, so degenerate
-text never pays. It plays the part of the DPO paper's controlled sentiment generation (IMDb
-prefix, reward from a sentiment classifier) with the classifier replaced by an exact rule, so
-rewards, preference labels and KL are all measured exactly.
+A prompt asks for a positive line about a subject and starts it, "Say something positive
+about the river. The river is"; a response finishes the line with adjectives, " bright, tall
+and grim." Each adjective is positive, negative or neutral (fixed word lists). The ground-truth
+reward of a well-formed response is (positive − negative adjectives) / adjectives, in [-1, 1];
+anything else (unknown words, broken list, text after the full stop) scores -1, so degenerate
+text never pays. It plays the part of the DPO paper's controlled sentiment generation (prompt =
+the start of an IMDb review, reward from a sentiment classifier) with the classifier replaced
+by an exact rule, so rewards, preference labels and KL are all measured exactly.
 
 The warm-up corpus gives every response one tone — positive, negative or neutral, drawn
 uniformly whatever the prompt asks — so a model trained on it speaks the task's language and
@@ -79,7 +79,8 @@ def adjectives_of(response: str) -> list[str] | None:
 
 
 def reward(prompt: str, response: str) -> float:
-    """Ground truth in [-1, 1]: (positive − negative adjectives) / adjectives; -1 for anything not well formed."""
+    """Ground truth in [-1, 1]: (positive − negative adjectives) / adjectives; -1 for anything not well formed.
+    This rule does not read the prompt; the signature is the general one, reward(x, y)."""
     adjectives = adjectives_of(response)
     if adjectives is None:
         return -1.0
