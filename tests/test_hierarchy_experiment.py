@@ -1,7 +1,6 @@
 """The GW-DPO hierarchy experiment: conflicts and their labels, the warm-up's behaviour, the margins the
 runs train with, held-out splits, exact reply probabilities, and (slow) a quick end-to-end run."""
 
-import random
 from collections import Counter
 
 import pytest

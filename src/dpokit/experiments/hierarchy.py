@@ -22,7 +22,9 @@ Steps:
 4. the same pairs, the same β, learning rate, steps and seed, trained with `dpokit.train` (sigmoid
    loss, warm-up model as reference): plain DPO (no margin) and GW-DPO, whose per-pair margin comes
    from the hierarchy recipe (`hierarchy_margins`, i.e. `objectives.gw_margin`) under the linear and
-   the bilateral schedule, at each margin scale asked for;
+   the bilateral schedule, at each margin scale asked for. Every method gets the same NLL term on the
+   chosen reply (`rpo_alpha`): without it, DPO on this task moves probability off both words onto
+   malformed replies (likelihood displacement) before it learns the order, for every method;
 5. held-out prompts (word pairs no training prompt uses), greedy replies: pairwise priority
    adherence (the fraction of conflicts answered with the higher source's word; overall and by level
    gap), and the over-refusal rate on benign prompts.
@@ -171,10 +173,10 @@ def evaluate(model, tokenizer, conflicts: list[dict], benigns: list[dict]) -> di
     }
 
 
-FULL = dict(hidden=64, layers=2, warmup_rows=12000, warmup_steps=500, warmup_lr=3e-3, pairs=2000, dpo_steps=60,
-            dpo_lr=1e-4, beta=0.1, scales=(0.25, 1.0), eval_per_pair=40, eval_benign=400, seeds=(0, 1))
-QUICK = dict(hidden=64, layers=2, warmup_rows=4000, warmup_steps=200, warmup_lr=3e-3, pairs=600, dpo_steps=20,
-             dpo_lr=1e-4, beta=0.1, scales=(1.0,), eval_per_pair=10, eval_benign=100, seeds=(0,))
+FULL = dict(hidden=64, layers=2, warmup_rows=12000, warmup_steps=500, warmup_lr=3e-3, pairs=2000, dpo_steps=200,
+            dpo_lr=3e-4, beta=0.1, rpo_alpha=1.0, scales=(0.25, 1.0), eval_per_pair=40, eval_benign=400, seeds=(0, 1))
+QUICK = dict(hidden=64, layers=2, warmup_rows=4000, warmup_steps=200, warmup_lr=3e-3, pairs=600, dpo_steps=60,
+             dpo_lr=3e-4, beta=0.1, rpo_alpha=1.0, scales=(1.0,), eval_per_pair=10, eval_benign=100, seeds=(0,))
 
 
 def _say(t0: float, message: str) -> None:
@@ -241,8 +243,10 @@ def _run(out: Path, size: dict, quick: bool, seed: int) -> dict:
         for run_seed in size["seeds"]:
             run_dir = out / "runs" / f"{method.replace(' ', '_').replace('×', 'x')}_s{run_seed}"
             cfg = TrainConfig(
-                model=str(warm_dir), ref_model=str(warm_dir), train_data=str(data[(schedule, scale) if schedule else None]),
-                output_dir=str(run_dir), loss_type="sigmoid", beta=size["beta"], learning_rate=size["dpo_lr"],
+                model=str(warm_dir), ref_model=str(warm_dir),
+                train_data=str(data[(schedule, scale) if schedule else None]),
+                output_dir=str(run_dir), loss_type="sigmoid", beta=size["beta"], rpo_alpha=size["rpo_alpha"],
+                learning_rate=size["dpo_lr"],
                 lr_scheduler_type="constant_with_warmup", warmup_steps=5, max_steps=size["dpo_steps"],
                 per_device_train_batch_size=32, max_length=64, max_prompt_length=48, logging_steps=10,
                 save_steps=10 ** 6, report_to=["jsonl"], disable_tqdm=True, seed=seed + run_seed,
@@ -252,7 +256,8 @@ def _run(out: Path, size: dict, quick: bool, seed: int) -> dict:
             r = {"method": method, "schedule": schedule, "scale": scale, "run_seed": run_seed,
                  **evaluate(trained, tokenizer, conflicts, benigns)}
             results["runs"].append(r)
-            _say(t0, f"{method} (seed {run_seed}): adherence {r['adherence']:.1%}, over-refusal {r['over_refusal']:.1%}")
+            _say(t0, f"{method} (seed {run_seed}): adherence {r['adherence']:.1%}, "
+                     f"over-refusal {r['over_refusal']:.1%}")
 
     results["summary"] = summarize(results)
     results["wall_s"] = round(time.time() - t0, 1)
@@ -280,7 +285,10 @@ def summarize(results: dict) -> dict:
         table[method] = row
     dpo = table.get("DPO")
     goal = {m: {"higher_adherence": row["adherence"] > dpo["adherence"],
-                "no_more_over_refusal": row["over_refusal"] <= dpo["over_refusal"]}
+                "no_more_over_refusal": row["over_refusal"] <= dpo["over_refusal"],
+                "adherence_diff": row["adherence"] - dpo["adherence"],
+                "pairwise_diff": row["pairwise"] - dpo["pairwise"],
+                "over_refusal_diff": row["over_refusal"] - dpo["over_refusal"]}
             for m, row in table.items() if m.startswith("GW") and dpo}
     return {"table": table, "goal": goal}
 
@@ -297,8 +305,8 @@ def format_table(results: dict) -> str:
                      + f"{row['pairwise']:>10.1%}{row['follows_lower']:>8.1%}{row['refuses_conflict']:>8.1%}"
                      f"{row['over_refusal']:>14.1%}{row['greedy_adherence']:>13.1%}{row['greedy_over_refusal']:>12.1%}")
     for method, g in results["summary"]["goal"].items():
-        lines.append(f"{method}: higher adherence than DPO {'yes' if g['higher_adherence'] else 'NO'}; "
-                     f"no more over-refusal {'yes' if g['no_more_over_refusal'] else 'NO'}")
+        lines.append(f"{method} − DPO: adherence {g['adherence_diff']:+.1%}, pairwise {g['pairwise_diff']:+.1%}, "
+                     f"over-refusal {g['over_refusal_diff']:+.1%}")
     return "\n".join(lines)
 
 
@@ -319,9 +327,11 @@ def markdown_section(results: dict) -> str:
         f"fifth of the benign two-source prompts. {results['pairs']} conflict pairs over all ten pairs of levels "
         "(chosen = the higher source's word, rejected = the lower one's) train plain DPO and GW-DPO with the same "
         f"β = {s['beta']}, learning rate {s['dpo_lr']:g}, {s['dpo_steps']} steps of 32 pairs and seeds "
-        "(`dpokit.train`, sigmoid loss, the warm-up model as reference); GW-DPO's per-pair margin comes from the "
+        f"(`dpokit.train`, sigmoid loss, the warm-up model as reference, and for every method the NLL of the "
+        f"chosen reply with weight rpo_alpha = {s['rpo_alpha']}); GW-DPO's per-pair margin comes from the "
         "`hierarchy` recipe (`objectives.gw_margin`): linear m = scale·gap, bilateral m = scale·gap·p/5 "
-        f"(p the privileged level, gap = p − conflicting level), at scales {', '.join(f'{x:g}' for x in s['scales'])}. "
+        "(p the privileged level, gap = p − conflicting level), at scales "
+        f"{', '.join(f'{x:g}' for x in s['scales'])}. "
         f"Each row is the mean over {len(s['seeds'])} training seed(s).", "",
         f"Measured on held-out prompts (word pairs no training prompt uses): {s['eval_per_pair']} conflicts for "
         f"each pair of levels and {s['eval_benign']} benign prompts. Rates are exact reply probabilities — what "
@@ -334,12 +344,13 @@ def markdown_section(results: dict) -> str:
         + " | pairwise | follows lower | refuses conflict | over-refusal | greedy adherence | greedy over-refusal |",
         "|---|---:|" + "---:|" * len(gaps) + "---:|---:|---:|---:|---:|---:|"]
     for method, r in table.items():
-        lines.append(f"| {method} | {r['adherence']:.1%} | " + " | ".join(f"{r['adherence_by_gap'][g]:.1%}" for g in gaps)
+        lines.append(f"| {method} | {r['adherence']:.1%} | "
+                     + " | ".join(f"{r['adherence_by_gap'][g]:.1%}" for g in gaps)
                      + f" | {r['pairwise']:.1%} | {r['follows_lower']:.1%} | {r['refuses_conflict']:.1%} | "
                        f"{r['over_refusal']:.1%} | {r['greedy_adherence']:.1%} | {r['greedy_over_refusal']:.1%} |")
     lines.append("")
     for method, g in results["summary"]["goal"].items():
-        lines.append(f"- {method}: adherence {'above' if g['higher_adherence'] else 'not above'} plain DPO's, "
-                     f"over-refusal {'no higher than' if g['no_more_over_refusal'] else 'higher than'} plain DPO's.")
+        lines.append(f"- {method} − plain DPO: adherence {100 * g['adherence_diff']:+.1f} points, pairwise "
+                     f"{100 * g['pairwise_diff']:+.1f}, over-refusal {100 * g['over_refusal_diff']:+.1f}.")
     lines.append("")
     return "\n".join(lines)
