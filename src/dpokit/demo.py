@@ -39,7 +39,7 @@ from . import tasks
 from .config import TrainConfig
 from .data import Example, load_examples
 from .families.causal_lm import CausalLMScorer, collate
-from .tiny import build_llama, build_tokenizer
+from .tiny import build_llama, build_tokenizer, single_thread
 from .train import train
 
 FULL = dict(hidden=64, layers=2, sft_rows=8000, sft_steps=400, sft_lr=3e-3, samples_per_prompt=32,
@@ -145,15 +145,12 @@ def run_demo(output_dir: str | Path = "runs/demo", seed: int = 0, quick: bool = 
     (also written to `<output_dir>/demo_results.json`)."""
     from transformers.utils import logging as hf_logging
 
-    threads, bars = torch.get_num_threads(), hf_logging.is_progress_bar_enabled()
-    # A model this small gains nothing from intra-op threads, and on a busy machine extra threads
-    # spin against each other (ten times slower, measured on 2 shared cores).
-    torch.set_num_threads(1)
+    bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # a load/save bar per round would bury the demo's own lines
     try:
-        return _run(Path(output_dir), seed, quick)
+        with single_thread():
+            return _run(Path(output_dir), seed, quick)
     finally:
-        torch.set_num_threads(threads)
         if bars:
             hf_logging.enable_progress_bar()
 

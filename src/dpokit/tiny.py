@@ -45,3 +45,23 @@ def build_llama(tokenizer, hidden_size: int = 64, num_layers: int = 2, num_heads
     )
     torch.manual_seed(seed)
     return LlamaForCausalLM(config)
+
+
+class single_thread:
+    """Run a block with one torch thread, restoring the count after.
+
+    A model this small gains nothing from intra-op threads, and on shared cores extra threads
+    spin against each other (about ten times slower, measured on 2 busy cores).
+    """
+
+    def __enter__(self):
+        import torch
+
+        self.threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+
+    def __exit__(self, *exc):
+        import torch
+
+        torch.set_num_threads(self.threads)
+        return False

@@ -40,7 +40,7 @@ from .. import tasks
 from ..config import TrainConfig
 from ..demo import FULL as DEMO_FULL, QUICK as DEMO_QUICK, MAX_NEW_TOKENS, sample_stats, warm_up
 from ..report import PALETTE, _fmt, _ticks
-from ..tiny import build_llama, build_tokenizer
+from ..tiny import build_llama, build_tokenizer, single_thread
 from ..train import train
 
 FLIP_FRACTION = 0.2
@@ -168,12 +168,8 @@ def sft_optimum(sft, tokenizer, prompts: list[str], n: int, seed: int) -> list[d
 def run_frontier(out: str | Path = "runs/frontier", quick: bool = False, seed: int = 0,
                  docs_dir: str | Path | None = None) -> dict:
     """Run the experiment (see the module docstring); returns what frontier.json holds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as in the demo: a model this small only loses from intra-op threads on shared cores
-    try:
+    with single_thread():
         return _run(Path(out), QUICK if quick else FULL, quick, seed, docs_dir)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run(out: Path, size: dict, quick: bool, seed: int, docs_dir) -> dict:

@@ -49,7 +49,7 @@ from ..data import load_examples
 from ..demo import pair_logps, warm_up
 from ..objectives import HIERARCHY
 from ..recipes.hierarchy import hierarchy_margins
-from ..tiny import build_llama, build_tokenizer
+from ..tiny import build_llama, build_tokenizer, single_thread
 from ..train import train
 from .secalign import greedy_replies, update_docs
 
@@ -191,12 +191,8 @@ def _jsonl(path: Path, rows: list[dict]) -> Path:
 def run(out_dir: str | Path = "runs/hierarchy", quick: bool = False, seed: int = 0, docs_dir: str | Path | None = None,
         **overrides) -> dict:
     """Run the experiment (module docstring); writes hierarchy.json to `out_dir` and returns it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a model this small only loses from intra-op threads on shared cores
-    try:
+    with single_thread():
         results = _run(Path(out_dir), {**(QUICK if quick else FULL), **overrides}, quick, seed)
-    finally:
-        torch.set_num_threads(threads)
     if docs_dir is not None:
         results["command"] += f" --docs {docs_dir}"
         Path(docs_dir).mkdir(parents=True, exist_ok=True)

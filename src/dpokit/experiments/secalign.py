@@ -48,7 +48,7 @@ from ..config import TrainConfig
 from ..demo import warm_up
 from ..recipes.injection import ATTACKS, EVAL_INJECTION, TEXT_TEMPLATE, attack_success_rate, eval_items, inject, \
     injection_pairs
-from ..tiny import build_llama, build_tokenizer
+from ..tiny import build_llama, build_tokenizer, single_thread
 from ..train import train
 
 NAME = "secalign"
@@ -205,12 +205,8 @@ def _say(t0: float, message: str) -> None:
 def run(out_dir: str | Path = "runs/secalign", quick: bool = False, seed: int = 0, docs_dir: str | Path | None = None,
         **overrides) -> dict:
     """Run the experiment (module docstring); writes secalign.json to `out_dir` and returns it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a model this small only loses from intra-op threads on shared cores
-    try:
+    with single_thread():
         results = _run(Path(out_dir), {**(QUICK if quick else FULL), **overrides}, quick, seed)
-    finally:
-        torch.set_num_threads(threads)
     if docs_dir is not None:
         results["command"] += f" --docs {docs_dir}"
         Path(docs_dir).mkdir(parents=True, exist_ok=True)
