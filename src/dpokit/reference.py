@@ -21,9 +21,7 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
-from tqdm.auto import tqdm
 
 from .errors import DpokitError
 
@@ -146,26 +144,3 @@ def cache_path(cfg, reference: Reference, examples: list) -> Path:
     h.update(cfg.dtype.encode())
     h.update(f"bf16-autocast={_bf16_autocast(cfg)}".encode())  # the loop's mixed precision changes log-probs too
     return root / f"{h.hexdigest()}.safetensors"
-
-
-def precompute(cfg, reference: Reference, examples: list, collate, device, name: str = "train",
-               disable_tqdm: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference log-probs for every example, from the disk cache or computed now."""
-    path = cache_path(cfg, reference, examples)
-    if path.exists():
-        cached = load_file(str(path))
-        log.info("reference log-probs for %s: cache hit %s", name, path.name)
-        return cached["chosen"], cached["rejected"]
-    chosen, rejected = [], []
-    bs = cfg.per_device_eval_batch_size
-    for start in tqdm(range(0, len(examples), bs), desc=f"reference log-probs ({name})", disable=disable_tqdm):
-        batch = {k: v.to(device) for k, v in collate(examples[start:start + bs]).items()}
-        c, r = reference.logps(batch)
-        chosen.append(c.cpu())
-        rejected.append(r.cpu())
-    out = {"chosen": torch.cat(chosen), "rejected": torch.cat(rejected)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    save_file(out, str(tmp))
-    os.replace(tmp, path)
-    return out["chosen"], out["rejected"]

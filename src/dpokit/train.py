@@ -279,7 +279,7 @@ class Loop:
         out = out.cpu()
         chosen, rejected = out[:, 0].contiguous(), out[:, 1:].contiguous()
         rejected = rejected if K else rejected[:, 0].contiguous()
-        if acc.is_main_process:  # the file format of reference.precompute, so either fills the same cache
+        if acc.is_main_process:  # written atomically: a reader never sees half a cache file
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".tmp{os.getpid()}")
             save_file({"chosen": chosen, "rejected": rejected}, str(tmp))
