@@ -70,10 +70,12 @@ def test_greedy_replies_batched_equal_one_at_a_time():
 
 
 def test_docs_section_replaces_its_own_block_only(tmp_path):
+    from dpokit.experiments import update_docs
+
     doc = tmp_path / "experiments.md"
     doc.write_text("# Experiments\n\n<!-- frontier:begin -->\nfrontier text\n<!-- frontier:end -->\n")
-    sa.update_docs(doc, "secalign", "## SecAlign\n\nfirst")
-    sa.update_docs(doc, "secalign", "## SecAlign\n\nsecond")
+    update_docs(doc, "secalign", "## SecAlign\n\nfirst")
+    update_docs(doc, "secalign", "## SecAlign\n\nsecond")
     text = doc.read_text()
     assert text.count("## SecAlign") == 1 and "second" in text and "first" not in text
     assert text.index("frontier text") < text.index("second")

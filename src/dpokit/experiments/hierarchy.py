@@ -51,7 +51,8 @@ from ..objectives import HIERARCHY
 from ..recipes.hierarchy import hierarchy_margins
 from ..tiny import build_llama, build_tokenizer, single_thread
 from ..train import train
-from .secalign import greedy_replies, update_docs
+from . import write_docs
+from .secalign import greedy_replies
 
 NAME = "hierarchy"
 WORDS = (
@@ -194,10 +195,7 @@ def run(out_dir: str | Path = "runs/hierarchy", quick: bool = False, seed: int =
     with single_thread():
         results = _run(Path(out_dir), {**(QUICK if quick else FULL), **overrides}, quick, seed)
     if docs_dir is not None:
-        results["command"] += f" --docs {docs_dir}"
-        Path(docs_dir).mkdir(parents=True, exist_ok=True)
-        (Path(out_dir) / f"{NAME}.json").write_text(json.dumps(results, indent=2))
-        update_docs(Path(docs_dir) / "experiments.md", NAME, markdown_section(results))
+        write_docs(results, out_dir, docs_dir, NAME, markdown_section(results))
     return results
 
 

@@ -49,6 +49,7 @@ from ..demo import warm_up
 from ..recipes.injection import ATTACKS, EVAL_INJECTION, TEXT_TEMPLATE, attack_success_rate, eval_items, inject, \
     injection_pairs
 from ..tiny import build_llama, build_tokenizer, single_thread
+from . import write_docs
 from ..train import train
 
 NAME = "secalign"
@@ -208,10 +209,7 @@ def run(out_dir: str | Path = "runs/secalign", quick: bool = False, seed: int = 
     with single_thread():
         results = _run(Path(out_dir), {**(QUICK if quick else FULL), **overrides}, quick, seed)
     if docs_dir is not None:
-        results["command"] += f" --docs {docs_dir}"
-        Path(docs_dir).mkdir(parents=True, exist_ok=True)
-        (Path(out_dir) / f"{NAME}.json").write_text(json.dumps(results, indent=2))
-        update_docs(Path(docs_dir) / "experiments.md", NAME, markdown_section(results))
+        write_docs(results, out_dir, docs_dir, NAME, markdown_section(results))
     return results
 
 
@@ -296,23 +294,6 @@ def format_table(results: dict) -> str:
     rows.append(f"goal (ASR ≤ 5%, accuracy within 2 points) met by: {', '.join(results['goal_met_by']) or 'none'}; "
                 f"{models[0]['n_clean']} clean and {models[0]['n_attacks']} attacked held-out prompts")
     return "\n".join(rows)
-
-
-def update_docs(path: Path, name: str, section: str) -> None:
-    """Put `section` into `path` between `<!-- NAME:begin -->` and `<!-- NAME:end -->`, replacing an earlier
-    copy; the rest of the file (other experiments' sections) stays as it is."""
-    path = Path(path)
-    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
-    block = f"{begin}\n{section.strip()}\n{end}"
-    text = path.read_text(encoding="utf-8") if path.exists() else "# Experiments\n"
-    if begin in text and end in text:
-        head, rest = text.split(begin, 1)
-        text = head + block + rest.split(end, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
 
 
 def markdown_section(results: dict) -> str:
