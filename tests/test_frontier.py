@@ -123,3 +123,33 @@ def test_quick_run_dpo_raises_the_true_reward(tmp_path):
     doc = (tmp_path / "docs" / "experiments.md").read_text()
     assert "## Reward vs KL frontier" in doc and "![reward vs KL](frontier.svg)" in doc
     ET.fromstring((tmp_path / "docs" / "frontier.svg").read_text())
+
+
+def test_mixture_frontier_is_the_upper_concave_hull():
+    pts = [_point("SFT", "clean", 0, 0.0, 0.0), _point("DPO", "clean", 20, 0.5, 0.2),
+           _point("DPO", "clean", 40, 1.0, 1.0), _point("IPO", "clean", 20, 0.2, 0.9)]
+    # between the SFT model and the point at KL 1, a mixture beats the checkpoint at KL 0.5
+    assert fr.mixture_frontier(pts, ["DPO"], 0.5) == pytest.approx(0.5)
+    assert fr.envelope(pts, ["DPO"], 0.5) == pytest.approx(0.2)
+    assert fr.mixture_frontier(pts, ["DPO"], 0.25) == pytest.approx(0.25)
+    assert fr.mixture_frontier(pts, ["DPO"], 3.0) == pytest.approx(1.0)  # past the last point: the best one
+    # other methods' points do not count; with IPO's the chord from (0.2, 0.9) to (1, 1) is the hull
+    assert fr.mixture_frontier(pts, ["DPO", "IPO"], 0.6) == pytest.approx(0.95)
+    assert fr.mixture_frontier(pts, ["DPO"], 0.6, labels="noisy") is None
+
+
+def test_first_step_alignment_compares_the_right_gradients():
+    from dpokit.tiny import build_llama, build_tokenizer
+
+    rows = [{"prompt": f"The {w} is", "chosen": f" {a} and {b}.", "rejected": f" {b} or {a}!"}
+            for w, a, b in (("sun", "warm", "bright"), ("sea", "calm", "blue"), ("road", "long", "dry"))]
+    tok = build_tokenizer([r["prompt"] + r["chosen"] + r["rejected"] for r in rows], vocab_size=120)
+    model = build_llama(tok, hidden_size=16, num_layers=1, seed=0)
+    same = fr.first_step_alignment(model, tok, rows + rows)  # the two halves are the same pairs
+    assert same["dpo_halves_grad_cosine"] == pytest.approx(1.0, abs=1e-5)
+    assert same["dpo_halves_adam_step_cosine"] == pytest.approx(1.0, abs=1e-5)
+    swapped = [{**r, "chosen": r["rejected"], "rejected": r["chosen"]} for r in rows]
+    opposite = fr.first_step_alignment(model, tok, rows + swapped)  # the second half's labels flipped
+    assert opposite["dpo_halves_grad_cosine"] == pytest.approx(-1.0, abs=1e-5)
+    # preferred-FT raises the chosen replies only: not DPO's direction, which also lowers the rejected ones
+    assert -1.0 < same["grad_cosine"] < 0.999

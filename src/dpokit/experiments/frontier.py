@@ -113,6 +113,51 @@ def optimal_frontier(rewards: list[float], inverse_betas=None) -> list[dict]:
     return curve
 
 
+def _sequence_logps(model, tokenizer, prompts: list[str], replies: list[str]) -> torch.Tensor:
+    """log π(reply | prompt) per row, summed over the reply's tokens and its EOS, as the loop scores them."""
+    eos = tokenizer.eos_token_id
+    out = []
+    for prompt, reply in zip(prompts, replies):
+        p = tokenizer(prompt)["input_ids"]
+        full = torch.tensor([tokenizer(prompt + reply)["input_ids"] + [eos]])
+        logits = model(input_ids=full).logits[0, :-1]
+        targets = full[0, 1:]
+        out.append(torch.log_softmax(logits.float(), -1).gather(-1, targets[:, None])[len(p) - 1:].sum())
+    return torch.stack(out)
+
+
+def _flat_grad(model, loss: torch.Tensor, retain: bool = False) -> torch.Tensor:
+    params = [q for q in model.parameters() if q.requires_grad]
+    return torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params, retain_graph=retain)])
+
+
+def first_step_alignment(model, tokenizer, rows: list[dict]) -> dict:
+    """How alike DPO's and preferred-FT's first updates are, at the SFT model on `rows` (pairs of its samples).
+
+    At the reference the DPO logit is 0, so DPO's gradient is −(β/2)·mean(∇log π(y_w) − ∇log π(y_l)) for every
+    β; preferred-FT's is −mean ∇log π(y_w) (over tokens: a constant factor here). Over pairs of on-policy
+    samples the two have the same expectation up to that factor: mean ∇log π(y_w) = ½·mean(∇y_w − ∇y_l) +
+    ½·mean(∇y_w + ∇y_l), and the last term has expectation 0 under π. Adam's first step is the sign of the
+    gradient, so its scale (β) drops out. Reported: the cosine of the two gradients and of their first Adam
+    steps, beside the cosine of DPO's gradient on one half of the pairs with the other half's (what sampling
+    noise alone leaves)."""
+    model.eval()
+    half = len(rows) // 2
+    grads = {}
+    for name, part in (("all", rows), ("a", rows[:half]), ("b", rows[half:])):
+        prompts = [r["prompt"] for r in part]
+        chosen = _sequence_logps(model, tokenizer, prompts, [r["chosen"] for r in part])
+        rejected = _sequence_logps(model, tokenizer, prompts, [r["rejected"] for r in part])
+        grads["dpo", name] = _flat_grad(model, -(chosen - rejected).mean(), retain=name == "all")
+        if name == "all":
+            grads["pft", name] = _flat_grad(model, -chosen.mean())
+    cos = lambda x, y: torch.nn.functional.cosine_similarity(x, y, dim=0).item()  # noqa: E731
+    return {"pairs": len(rows), "grad_cosine": cos(grads["dpo", "all"], grads["pft", "all"]),
+            "adam_step_cosine": cos(grads["dpo", "all"].sign(), grads["pft", "all"].sign()),
+            "dpo_halves_grad_cosine": cos(grads["dpo", "a"], grads["dpo", "b"]),
+            "dpo_halves_adam_step_cosine": cos(grads["dpo", "a"].sign(), grads["dpo", "b"].sign())}
+
+
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
@@ -199,6 +244,9 @@ def _run(out: Path, size: dict, quick: bool, seed: int, docs_dir) -> dict:
     _say(t0, f"{len(clean)} pairs sampled from the SFT model and labelled by the true reward; "
              f"{len(flipped)} ({FLIP_FRACTION:.0%}) flipped in each of {size['replicates']} noisy copies")
 
+    alignment = first_step_alignment(sft, tokenizer, clean)
+    _say(t0, "first step at the SFT model, DPO vs preferred-FT: gradient cosine "
+             f"{alignment['grad_cosine']:.3f}, Adam step cosine {alignment['adam_step_cosine']:.3f}")
     base = sample_stats(sft, sft, tokenizer, heldout_prompts, size["eval_samples"], seed + 2)
     optimum = sft_optimum(sft, tokenizer, heldout_prompts, 4 * size["eval_samples"], seed)
     points = [{"method": "SFT", "labels": labels, "step": 0, "kl": 0.0, "reward": base["mean_reward"],
@@ -217,7 +265,7 @@ def _run(out: Path, size: dict, quick: bool, seed: int, docs_dir) -> dict:
         "chosen_reward": sum(r["score_chosen"] for r in clean) / len(clean),
         "eval_samples_per_prompt": size["eval_samples"], "max_steps": size["max_steps"],
         "eval_every": size["eval_every"], "noisy_beta": size["noisy_beta"], "replicates": size["replicates"],
-        "sizes": demo, "optimal": optimum, "points": points,
+        "sizes": demo, "optimal": optimum, "points": points, "first_step": alignment,
     }
     results["wall_s"] = round(time.time() - t0, 1)
     results["cpu_s"] = round(time.process_time() - cpu0, 1)  # wall time depends on what else the machine runs
@@ -258,6 +306,22 @@ def envelope(points: list[dict], methods, kl_budget: float, labels: str = "clean
     return max(kept) if kept else None
 
 
+def mixture_frontier(points: list[dict], methods, kl: float, labels: str = "clean") -> float | None:
+    """The best reward at KL ≤ `kl` of a random mixture of the points of `methods` (the SFT model counts):
+    drawing a reply from checkpoint i with probability λ_i gives reward Σλ_i·r_i at KL ≤ Σλ_i·KL_i (KL is
+    convex), so the upper concave hull of a method's points is reachable, between checkpoints too."""
+    pts = sorted((p["kl"], p["reward"]) for p in points if p["labels"] == labels
+                 and (p["method"] in methods or p["method"] == "SFT"))
+    best = None
+    for i, (k1, r1) in enumerate(pts):
+        if k1 <= kl:
+            best = r1 if best is None else max(best, r1)
+        for k2, r2 in pts[i + 1:]:
+            if k1 <= kl < k2:
+                best = max(best if best is not None else r1, r1 + (r2 - r1) * (kl - k1) / (k2 - k1))
+    return best
+
+
 def _run_points(points, method, labels, beta=None, replicate=0):
     return sorted((p for p in points if p["method"] == method and p["labels"] == labels
                    and p.get("replicate", 0) == replicate and (beta is None or math.isclose(p["beta"], beta))),
@@ -284,14 +348,21 @@ def summarize(results: dict) -> dict:
     if results.get("optimal"):
         table["KL-optimal policy"] = {str(b): max(q["reward"] for q in results["optimal"] if q["kl"] <= b)
                                       for b in KL_BUDGETS}
+    mixture = {m: {str(b): mixture_frontier(sweep, [m], b) for b in KL_BUDGETS}
+               for m in ("DPO", "preferred-FT") if m in methods}
+    mixture["DPO family"] = {str(b): mixture_frontier(sweep, family, b) for b in KL_BUDGETS}
     # Dominance: for each preferred-FT point, the best reward a method reaches at no more KL.
     pft = _run_points(sweep, "preferred-FT", "clean")
     dominance = {}
     for name, group in (("DPO", ["DPO"]), ("DPO family", family)):
         diffs = [envelope(sweep, group, p["kl"]) - p["reward"] for p in pft]
+        mixed = [mixture_frontier(sweep, group, p["kl"]) - mixture_frontier(sweep, ["preferred-FT"], p["kl"])
+                 for p in pft]
         dominance[name] = {"pft_points": len(diffs), "beaten": sum(d > 0 for d in diffs),
                            "min_diff": min(diffs) if diffs else None,
-                           "mean_diff": _mean(diffs) if diffs else None}
+                           "mean_diff": _mean(diffs) if diffs else None,
+                           "mixture_min_diff": min(mixed) if mixed else None,
+                           "mixture_mean_diff": _mean(mixed) if mixed else None}
     noisy = {}
     beta = results["noisy_beta"]
     for method in ("DPO", "cDPO", "robust DPO"):
@@ -317,7 +388,7 @@ def summarize(results: dict) -> dict:
                    kept_matched=_ratio(row["matched_gain_noisy"], row["best_gain_clean"]),
                    kept_best_range=[min(per_seed_kept), max(per_seed_kept)] if None not in per_seed_kept else None)
         noisy[method] = row
-    return {"envelope": table, "dominance": dominance, "noisy": noisy}
+    return {"envelope": table, "mixture": mixture, "dominance": dominance, "noisy": noisy}
 
 
 # ---------------------------------------------------------------- plot
@@ -458,6 +529,13 @@ def markdown_section(results: dict, svg_name: str = "frontier.svg") -> str:
              "|---|" + "---:|" * len(KL_BUDGETS)]
     for method, row in s["envelope"].items():
         lines.append(f"| {method} | " + " | ".join(_num(row[str(b)]) for b in KL_BUDGETS) + " |")
+    if s.get("mixture"):
+        lines += ["", "Reachable by mixing checkpoints (draw each reply from checkpoint i with probability λ_i: "
+                  "reward Σλ_i·r_i at KL ≤ Σλ_i·KL_i, so the upper concave hull of a method's points):", "",
+                  "| method | " + " | ".join(f"KL ≤ {b:g}" for b in KL_BUDGETS) + " |",
+                  "|---|" + "---:|" * len(KL_BUDGETS)]
+        for method, row in s["mixture"].items():
+            lines.append(f"| {method} | " + " | ".join(_num(row[str(b)]) for b in KL_BUDGETS) + " |")
     lines += ["", f"SFT model: reward {results['sft_reward']:+.3f}, {results['sft_malformed']:.1%} malformed. "
               f"Mean reward of the chosen replies: {results['chosen_reward']:+.3f} (what preferred-FT imitates). "
               "The KL-optimal policy (dashed in the plot) is π ∝ π_SFT·exp(r/β), the optimum of the "
@@ -468,7 +546,17 @@ def markdown_section(results: dict, svg_name: str = "frontier.svg") -> str:
     for name, r in d.items():
         lines.append(f"- {name} vs preferred-FT: {r['beaten']} of the {r['pft_points']} preferred-FT points are "
                      f"beaten by a {name} point with no more KL (best {name} reward at that KL minus preferred-FT's: "
-                     f"mean {_num(r['mean_diff'])}, worst {_num(r['min_diff'])}).")
+                     f"mean {_num(r['mean_diff'])}, worst {_num(r['min_diff'])}). Mixing checkpoints (the upper "
+                     f"concave hull of each method's points), {name} minus preferred-FT at "
+                     f"preferred-FT's KLs: mean {_num(r.get('mixture_mean_diff'))}, "
+                     f"worst {_num(r.get('mixture_min_diff'))}.")
+    if results.get("first_step"):
+        f = results["first_step"]
+        lines += ["", f"First step at the SFT model, on the {f['pairs']} clean pairs: the cosine between DPO's "
+                  f"gradient and preferred-FT's is {f['grad_cosine']:.3f} (their first Adam steps: "
+                  f"{f['adam_step_cosine']:.3f}); DPO's gradient on one half of the pairs against the other "
+                  f"half's: {f['dpo_halves_grad_cosine']:.3f} ({f['dpo_halves_adam_step_cosine']:.3f}). "
+                  "See `first_step_alignment` for why they must agree on pairs of on-policy samples."]
     if s["noisy"]:
         lines += _noisy_lines(results)
     lines += ["", "<details><summary>Every point</summary>", "",
