@@ -100,8 +100,15 @@ def _donor(rows: list[dict], i: int, rng: random.Random, tries: int = 32) -> dic
     return None
 
 
-def injection_pairs(source: Any, attack: str = "mix", fmt: str = "chat", seed: int = 0) -> Built:
+def injection_pairs(source: Any, attack: str = "mix", fmt: str = "chat", seed: int = 0,
+                    clean_share: float = 0.0) -> Built:
+    """SecAlign pairs (module docstring). `clean_share` adds, for that share of the rows, a clean pair as
+    well: the row's own prompt with its data untouched, chosen = its output, rejected = the donor's output
+    (`attack` "none") — clean samples next to the injected ones, as StruQ and SecAlign train on both, so the
+    objective also holds up the replies the injected pairs push down."""
     _check(attack, fmt)
+    if not 0.0 <= clean_share <= 1.0:
+        raise DpokitError(f"clean_share must be in [0, 1], got {clean_share}")
     rows = _read(source)
     out = Built()
     out.counts["rows"] = len(rows)
@@ -120,6 +127,11 @@ def injection_pairs(source: Any, attack: str = "mix", fmt: str = "chat", seed: i
                          "rejected": _reply(donor["output"], fmt), "attack": how,
                          "injected_instruction": donor["instruction"]})
         out.counts["pairs"] += 1
+        if clean_share and rng.random() < clean_share:
+            out.rows.append({"prompt": _prompt(row["instruction"], row["input"], fmt),
+                             "chosen": _reply(row["output"], fmt), "rejected": _reply(donor["output"], fmt),
+                             "attack": "none", "injected_instruction": None})
+            out.counts["clean_pairs"] += 1
     return out
 
 
@@ -202,6 +214,9 @@ def add_arguments(p) -> None:
     p.add_argument("--attack", choices=ATTACKS + ("mix",), default="mix")
     p.add_argument("--format", dest="fmt", choices=FORMATS, default="chat")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--clean-share", type=float, default=0.0,
+                   help="also emit a clean pair (data untouched, rejected = another row's output) for this share "
+                        "of the rows")
     p.add_argument("--eval", action="store_true",
                    help="write held-out attack prompts {prompt, target, attack} for `dpokit data asr` instead of pairs")
 
@@ -210,4 +225,4 @@ def build(args) -> Built:
     if args.eval:
         attacks = ATTACKS if args.attack == "mix" else (args.attack,)
         return eval_items(args.input, attacks, args.fmt)
-    return injection_pairs(args.input, args.attack, args.fmt, args.seed)
+    return injection_pairs(args.input, args.attack, args.fmt, args.seed, args.clean_share)
