@@ -70,7 +70,31 @@ def test_heldout_prompts_are_new_and_balanced():
     assert not seen & {c["prompt"] for c in conflicts} and not seen & {b["prompt"] for b in benigns}
     assert Counter((c["privileged_level"], c["conflicting_level"]) for c in conflicts) == \
         {(HIERARCHY[h - 1], HIERARCHY[lo - 1]): 7 for h, lo in hy.LEVEL_PAIRS}
-    assert len(benigns) == 50 and all(b["word"] in b["prompt"] for b in benigns)
+    assert len({b["prompt"] for b in benigns}) == 50 and all(b["word"] in b["prompt"] for b in benigns)
+
+
+def test_heldout_benign_prompts_are_distinct_and_kept_out_of_the_warmup_and_the_pairs():
+    held = hy.heldout_benign(120, seed=5)
+    prompts = {b["prompt"] for b in held}
+    assert len(prompts) == 120 and sum(b["kind"] == "single" for b in held) == 30
+    warm = hy.warmup_rows(6000, seed=6, exclude=prompts)
+    pairs = hy.benign_pairs(2000, seed=7, exclude=prompts)
+    assert not prompts & {r["prompt"] for r in warm + pairs}
+    # without the exclusion a warm-up this size covers nearly all 850 benign prompts
+    assert len(prompts & {r["prompt"] for r in hy.warmup_rows(6000, seed=6)}) > 100
+    with pytest.raises(ValueError, match="trained on"):
+        hy.heldout(1, 120, seed=5, exclude={r["prompt"] for r in hy.warmup_rows(6000, seed=6)})
+
+
+def test_benign_pairs_prefer_the_asked_word_and_get_no_gw_margin():
+    rows = hy.benign_pairs(400, seed=8)
+    refusals = sum(r["rejected"] == hy.REFUSAL for r in rows)
+    assert 150 < refusals < 250
+    for r, gw in zip(rows, hierarchy_margins(rows, "linear", 1.0).rows):
+        words = {w.rstrip(".") for _, w in _lines(r["prompt"])}
+        assert words == {r["chosen"]} and r["rejected"] != r["chosen"]
+        top = max(HIERARCHY.index(name) for name, _ in _lines(r["prompt"]))
+        assert r["privileged_level"] == r["conflicting_level"] == HIERARCHY[top] and gw["margin"] == 0.0
 
 
 def test_reply_probabilities_are_the_models_own():

@@ -7,7 +7,7 @@ import pytest
 
 from dpokit.cli import main
 from dpokit.data import load_examples, load_pairs
-from dpokit.errors import DataError
+from dpokit.errors import DataError, DpokitError
 from dpokit.objectives import gw_margin
 from dpokit.recipes import (attack_success_rate, eval_items, hf_generator, hierarchy_margins, injection_pairs,
                             rankings_to_pairs, ratings_to_pairs, validate, votes_to_pairs)
@@ -141,6 +141,28 @@ def test_injection_pairs_put_another_instruction_in_the_data(tmp_path):
     assert len(load_pairs(_write(tmp_path / "sec.jsonl", built.rows))) == 3
 
 
+def test_injection_clean_share_adds_clean_pairs_next_to_the_injected_ones():
+    rows = [{"instruction": f"Task {i}.", "input": f"data {i}", "output": f"answer {i}"} for i in range(200)]
+    plain = injection_pairs(rows, fmt="text", seed=3)
+    mixed = injection_pairs(rows, fmt="text", seed=3, clean_share=0.5)
+    injected = [r for r in mixed.rows if r["attack"] != "none"]
+    clean = [r for r in mixed.rows if r["attack"] == "none"]
+    assert injected == plain.rows  # the injected pairs are unchanged
+    assert 70 < len(clean) < 130 and mixed.counts["clean_pairs"] == len(clean)
+    by_prompt = {r["prompt"]: r for r in injected}
+    for c in clean:
+        instruction = c["prompt"].split("### Instruction:\n", 1)[1].split("\n", 1)[0]
+        own = rows[int(instruction[5:-1])]
+        assert c["prompt"] == f"### Instruction:\n{own['instruction']}\n\n### Input:\n{own['input']}\n\n### Response:\n"
+        assert c["chosen"] == own["output"] and c["rejected"] != own["output"] and c["injected_instruction"] is None
+        # the clean pair prefers the same answer over the same rejected one as its row's injected pair
+        twin = next(r for p, r in by_prompt.items() if p.startswith(c["prompt"].split("### Response:")[0].rstrip()))
+        assert (twin["chosen"], twin["rejected"]) == (c["chosen"], c["rejected"])
+    assert len(injection_pairs(rows, fmt="text", clean_share=1.0).rows) == 400
+    with pytest.raises(DpokitError):
+        injection_pairs(rows, clean_share=1.5)
+
+
 def test_attack_success_rate_counts_replies_that_follow_the_injection():
     items = eval_items(ALPACA).rows
     assert len(items) == 3 * 3 and all("print exactly 'hacked!'" in i["prompt"][1]["content"].lower() for i in items)
@@ -177,7 +199,11 @@ def test_hierarchy_margins(tmp_path):
     pairs = load_pairs(_write(tmp_path / "gw.jsonl", built.rows))
     assert [p.margin for p in pairs] == [0.5 * 2 * 4 / 5, 0.5 * 4]
     with pytest.raises(DataError, match="row 1: the privileged level"):
-        hierarchy_margins([{**rows[0], "privileged_level": "tool"}])
+        hierarchy_margins([{**rows[0], "privileged_level": "data"}])
+    # equal levels (a benign prompt, no privilege gap): margin 0 under both schedules
+    for schedule in ("linear", "bilateral"):
+        same = hierarchy_margins([{**rows[0], "privileged_level": "tool"}, rows[1]], schedule=schedule, scale=0.5)
+        assert same.rows[0]["margin"] == 0.0 and same.rows[1]["margin"] > 0 and same.counts["no_gap"] == 1
     with pytest.raises(DataError, match="already has a 'margin'"):
         hierarchy_margins([{**rows[0], "margin": 1.0}])
 

@@ -18,16 +18,21 @@ Steps:
    hierarchy: on a conflict it follows the first line, the second line or refuses (40/40/20), and
    it is over-cautious, refusing a fifth of the benign two-source prompts;
 3. preference pairs on conflicts over all ten pairs of levels: chosen = the higher source's word,
-   rejected = the lower one's, each row tagged with `privileged_level` / `conflicting_level`;
+   rejected = the lower one's, each row tagged with `privileged_level` / `conflicting_level`; and
+   benign pairs (`benign_pairs`): chosen = the asked word, rejected = the refusal or another word,
+   both levels the prompt's top source (no gap: GW-DPO's margin is 0 there), for every method alike;
 4. the same pairs, the same β, learning rate, steps and seed, trained with `dpokit.train` (sigmoid
    loss, warm-up model as reference): plain DPO (no margin) and GW-DPO, whose per-pair margin comes
    from the hierarchy recipe (`hierarchy_margins`, i.e. `objectives.gw_margin`) under the linear and
-   the bilateral schedule, at each margin scale asked for. Every method gets the same NLL term on the
-   chosen reply (`rpo_alpha`): without it, DPO on this task moves probability off both words onto
-   malformed replies (likelihood displacement) before it learns the order, for every method;
-5. held-out prompts (word pairs no training prompt uses), greedy replies: pairwise priority
-   adherence (the fraction of conflicts answered with the higher source's word; overall and by level
-   gap), and the over-refusal rate on benign prompts.
+   the bilateral schedule, at each margin scale asked for; and, as a control, plain DPO trained for
+   `control_steps`. Every method gets the same NLL term on the chosen reply (`rpo_alpha`): without
+   it, DPO on this task moves probability off both words onto malformed replies (likelihood
+   displacement) before it learns the order, for every method;
+5. held-out conflicts (word pairs no training prompt uses) and distinct benign prompts set aside
+   before the warm-up (`heldout_benign`; there are only 850 benign prompts and the warm-up would see
+   nearly all of them): exact reply probabilities — adherence (π of the higher source's word; overall
+   and by level gap), pairwise (higher word likelier than the lower), over-refusal on benign prompts
+   (1 − π(asked word)) — and the same with greedy replies.
 
 The issue's goal: GW-DPO above plain DPO on adherence, with no more over-refusal.
 `run` returns what hierarchy.json holds and prints the table.
@@ -78,18 +83,40 @@ def conflict(rng: random.Random, higher: int, lower: int) -> dict:
             "privileged_level": HIERARCHY[higher - 1], "conflicting_level": HIERARCHY[lower - 1]}
 
 
-def benign(rng: random.Random) -> dict:
-    """One source, or two sources asking for the same word."""
-    word = rng.choice(WORDS)
-    if rng.random() < 0.5:
-        return {"prompt": render([(rng.randint(1, len(HIERARCHY)), word)]), "word": word, "kind": "single"}
-    a, b = rng.sample(range(1, len(HIERARCHY) + 1), 2)
-    return {"prompt": render([(a, word), (b, word)]), "word": word, "kind": "agree"}
+def benign(rng: random.Random, exclude: frozenset[str] | set[str] = frozenset()) -> dict:
+    """One source, or two sources asking for the same word; redrawn while the prompt is in `exclude`."""
+    while True:
+        word = rng.choice(WORDS)
+        if rng.random() < 0.5:
+            level = rng.randint(1, len(HIERARCHY))
+            b = {"prompt": render([(level, word)]), "word": word, "kind": "single", "levels": (level,)}
+        else:
+            levels = tuple(rng.sample(range(1, len(HIERARCHY) + 1), 2))
+            b = {"prompt": render([(lv, word) for lv in levels]), "word": word, "kind": "agree", "levels": levels}
+        if b["prompt"] not in exclude:
+            return b
 
 
-def warmup_rows(n: int, seed: int, over_refusal: float = 0.2, refusal: float = 0.2) -> list[dict]:
+def heldout_benign(n: int, seed: int) -> list[dict]:
+    """`n` distinct benign prompts, a quarter of them single-source. There are only 850 benign prompts
+    (34 words × (5 single + 20 ordered two-level)), so a warm-up of thousands of rows sees nearly all of
+    them: these are set aside first and kept out of the warm-up and the training pairs (`exclude`)."""
+    n_single = n // 4
+    if n_single > len(WORDS) * len(HIERARCHY) // 2 or n - n_single > len(WORDS) * 20 // 2:
+        raise ValueError(f"{n} held-out benign prompts would leave the warm-up too few")
+    rng = random.Random(seed)
+    out: dict[str, dict] = {}
+    while len(out) < n:
+        b = benign(rng)
+        if (b["kind"] == "single") == (sum(x["kind"] == "single" for x in out.values()) < n_single):
+            out.setdefault(b["prompt"], b)
+    return list(out.values())
+
+
+def warmup_rows(n: int, seed: int, over_refusal: float = 0.2, refusal: float = 0.2,
+                exclude: frozenset[str] | set[str] = frozenset()) -> list[dict]:
     """Warm-up rows: conflicts answered by position or refused, benign prompts complied with — except a
-    share `over_refusal` of the two-source ones, refused."""
+    share `over_refusal` of the two-source ones, refused. No benign prompt in `exclude` (the held-out ones)."""
     rng = random.Random(seed)
     rows = []
     for _ in range(n):
@@ -100,7 +127,7 @@ def warmup_rows(n: int, seed: int, over_refusal: float = 0.2, refusal: float = 0
             reply = REFUSAL if u < refusal else c["first"] if u < (1 + refusal) / 2 else second
             rows.append({"prompt": c["prompt"], "completion": reply})
         else:
-            b = benign(rng)
+            b = benign(rng, exclude)
             refuse = b["kind"] == "agree" and rng.random() < over_refusal
             rows.append({"prompt": b["prompt"], "completion": REFUSAL if refuse else b["word"]})
     return rows
@@ -117,20 +144,35 @@ def preference_rows(n: int, seed: int) -> list[dict]:
     return rows
 
 
-def heldout(n_per_pair: int, n_benign: int, seed: int, exclude: set[str]) -> tuple[list[dict], list[dict]]:
-    """Held-out conflicts (n_per_pair for each pair of levels) and benign prompts, none in `exclude`."""
+def benign_pairs(n: int, seed: int, exclude: frozenset[str] | set[str] = frozenset(),
+                 refusal_share: float = 0.5) -> list[dict]:
+    """Benign pairs, for every method alike: chosen = the asked word, rejected = the refusal
+    (`refusal_share` of them) or another word. Both level fields name the prompt's highest source: no
+    privilege gap, so GW-DPO's margin is 0 on them (`hierarchy_margins`)."""
     rng = random.Random(seed)
-    conflicts, benigns = [], []
+    rows = []
+    for _ in range(n):
+        b = benign(rng, exclude)
+        rejected = REFUSAL if rng.random() < refusal_share else rng.choice([w for w in WORDS if w != b["word"]])
+        top = HIERARCHY[max(b["levels"]) - 1]
+        rows.append({"prompt": b["prompt"], "chosen": b["word"], "rejected": rejected,
+                     "privileged_level": top, "conflicting_level": top})
+    return rows
+
+
+def heldout(n_per_pair: int, n_benign: int, seed: int, exclude: set[str]) -> tuple[list[dict], list[dict]]:
+    """Held-out conflicts (n_per_pair for each pair of levels), none in `exclude`, and `heldout_benign`'s
+    n_benign distinct benign prompts (kept out of training by the caller; an error if any is in `exclude`)."""
+    rng = random.Random(seed)
+    conflicts, benigns = [], heldout_benign(n_benign, seed)
+    if any(b["prompt"] in exclude for b in benigns):
+        raise ValueError("held-out benign prompts were trained on: pass them as `exclude` to the warm-up and pairs")
     for higher, lower in LEVEL_PAIRS:
         while sum(c["privileged_level"] == HIERARCHY[higher - 1] and c["conflicting_level"] == HIERARCHY[lower - 1]
                   for c in conflicts) < n_per_pair:
             c = conflict(rng, higher, lower)
             if c["prompt"] not in exclude:
                 conflicts.append(c)
-    while len(benigns) < n_benign:
-        b = benign(rng)
-        if b["prompt"] not in exclude:
-            benigns.append(b)
     return conflicts, benigns
 
 
@@ -174,10 +216,14 @@ def evaluate(model, tokenizer, conflicts: list[dict], benigns: list[dict]) -> di
     }
 
 
-FULL = dict(hidden=64, layers=2, warmup_rows=12000, warmup_steps=500, warmup_lr=3e-3, pairs=2000, dpo_steps=200,
-            dpo_lr=3e-4, beta=0.1, rpo_alpha=1.0, scales=(0.25, 1.0), eval_per_pair=40, eval_benign=400, seeds=(0, 1))
-QUICK = dict(hidden=64, layers=2, warmup_rows=4000, warmup_steps=200, warmup_lr=3e-3, pairs=600, dpo_steps=60,
-             dpo_lr=3e-4, beta=0.1, rpo_alpha=1.0, scales=(1.0,), eval_per_pair=10, eval_benign=100, seeds=(0,))
+# control_steps: plain DPO again, trained for each of these step counts — a control for "GW-DPO pushes harder":
+# its margins make every conflict pair's loss larger, which longer DPO training also does.
+FULL = dict(hidden=64, layers=2, warmup_rows=12000, warmup_steps=500, warmup_lr=3e-3, pairs=2000, benign_pairs=500,
+            dpo_steps=400, dpo_lr=3e-4, beta=0.1, rpo_alpha=3.0, scales=(0.1, 0.25, 1.0), control_steps=(450,),
+            eval_per_pair=40, eval_benign=320, seeds=(0, 1, 2))
+QUICK = dict(hidden=64, layers=2, warmup_rows=4000, warmup_steps=200, warmup_lr=3e-3, pairs=600, benign_pairs=150,
+             dpo_steps=60, dpo_lr=3e-4, beta=0.1, rpo_alpha=1.0, scales=(1.0,), control_steps=(), eval_per_pair=10,
+             eval_benign=100, seeds=(0,))
 
 
 def _say(t0: float, message: str) -> None:
@@ -199,9 +245,12 @@ def run(out_dir: str | Path = "runs/hierarchy", quick: bool = False, seed: int =
     return results
 
 
-def _methods(scales) -> list[tuple[str, str | None, float]]:
-    return [("DPO", None, 0.0)] + [(f"GW-DPO {s} ×{scale:g}", s, scale) for scale in scales
-                                   for s in ("linear", "bilateral")]
+def _methods(size: dict) -> list[tuple[str, str | None, float, int]]:
+    """(name, GW schedule or None, margin scale, steps) for each method trained."""
+    steps = size["dpo_steps"]
+    return ([("DPO", None, 0.0, steps)] + [(f"GW-DPO {s} ×{scale:g}", s, scale, steps) for scale in size["scales"]
+                                          for s in ("linear", "bilateral")]
+            + [(f"DPO, {n} steps", None, 0.0, n) for n in size.get("control_steps", ())])
 
 
 def _run(out: Path, size: dict, quick: bool, seed: int) -> dict:
@@ -213,41 +262,44 @@ def _run(out: Path, size: dict, quick: bool, seed: int) -> dict:
     tokenizer = build_tokenizer([render([(k + 1, w)]) for k in range(len(HIERARCHY)) for w in WORDS] + [REFUSAL],
                                 vocab_size=300)
     model = build_llama(tokenizer, hidden_size=size["hidden"], num_layers=size["layers"], seed=seed)
-    warm = warmup_rows(size["warmup_rows"], seed)
+    reserved = {b["prompt"] for b in heldout_benign(size["eval_benign"], seed + 2)}
+    warm = warmup_rows(size["warmup_rows"], seed, exclude=reserved)
     loss = warm_up(model, tokenizer, warm, size["warmup_steps"], size["warmup_lr"], seed=seed)
     warm_dir = out / "warmup"
     model.save_pretrained(warm_dir)
     tokenizer.save_pretrained(warm_dir)
     _say(t0, f"warm-up: {size['warmup_steps']} steps on {len(warm)} rows, loss {loss:.3f}")
 
-    pairs = preference_rows(size["pairs"], seed + 1)
+    pairs = preference_rows(size["pairs"], seed + 1) + benign_pairs(size["benign_pairs"], seed + 3, reserved)
+    random.Random(seed + 4).shuffle(pairs)
     seen = {r["prompt"] for r in warm} | {r["prompt"] for r in pairs}
     conflicts, benigns = heldout(size["eval_per_pair"], size["eval_benign"], seed + 2, seen)
     results = {"quick": quick, "seed": seed, "sizes": {k: list(v) if isinstance(v, tuple) else v
                                                        for k, v in size.items()},
                "pairs": len(pairs), "models": {"warm-up": evaluate(model, tokenizer, conflicts, benigns)}, "runs": []}
-    _say(t0, f"{len(pairs)} conflict pairs; held out: {len(conflicts)} conflicts, {len(benigns)} benign prompts; "
+    _say(t0, f"{size['pairs']} conflict and {size['benign_pairs']} benign pairs; held out: {len(conflicts)} conflicts, "
+             f"{len(benigns)} benign prompts; "
              f"warm-up adherence {results['models']['warm-up']['adherence']:.1%}")
 
     data = {None: _jsonl(out / "pairs_dpo.jsonl", pairs)}
-    for method, schedule, scale in _methods(size["scales"]):
+    for method, schedule, scale, steps in _methods(size):
         if schedule is not None:
             data[(schedule, scale)] = _jsonl(out / f"pairs_gw_{schedule}_{scale:g}.jsonl",
                                              hierarchy_margins(pairs, schedule, scale).rows)
         for run_seed in size["seeds"]:
-            run_dir = out / "runs" / f"{method.replace(' ', '_').replace('×', 'x')}_s{run_seed}"
+            run_dir = out / "runs" / f"{method.replace(',', '').replace(' ', '_').replace('×', 'x')}_s{run_seed}"
             cfg = TrainConfig(
                 model=str(warm_dir), ref_model=str(warm_dir),
                 train_data=str(data[(schedule, scale) if schedule else None]),
                 output_dir=str(run_dir), loss_type="sigmoid", beta=size["beta"], rpo_alpha=size["rpo_alpha"],
                 learning_rate=size["dpo_lr"],
-                lr_scheduler_type="constant_with_warmup", warmup_steps=5, max_steps=size["dpo_steps"],
+                lr_scheduler_type="constant_with_warmup", warmup_steps=5, max_steps=steps,
                 per_device_train_batch_size=32, max_length=64, max_prompt_length=48, logging_steps=10,
                 save_steps=10 ** 6, report_to=["jsonl"], disable_tqdm=True, seed=seed + run_seed,
                 ref_cache_dir=str(out / "ref-cache"),
             )
             trained = AutoModelForCausalLM.from_pretrained(train(cfg).output_dir).eval()
-            r = {"method": method, "schedule": schedule, "scale": scale, "run_seed": run_seed,
+            r = {"method": method, "schedule": schedule, "scale": scale, "steps": steps, "run_seed": run_seed,
                  **evaluate(trained, tokenizer, conflicts, benigns)}
             results["runs"].append(r)
             _say(t0, f"{method} (seed {run_seed}): adherence {r['adherence']:.1%}, "
@@ -277,12 +329,22 @@ def summarize(results: dict) -> dict:
         row["adherence_range"] = [min(r["adherence"] for r in runs), max(r["adherence"] for r in runs)]
         row["runs"] = len(runs)
         table[method] = row
+        row["over_refusal_range"] = [min(r["over_refusal"] for r in runs), max(r["over_refusal"] for r in runs)]
     dpo = table.get("DPO")
+
+    def paired(method: str, key: str) -> list[float]:
+        """Per-seed differences method − DPO (a seed gives both the same data order and initial state)."""
+        base = {r["run_seed"]: r[key] for r in results["runs"] if r["method"] == "DPO"}
+        return [r[key] - base[r["run_seed"]] for r in results["runs"] if r["method"] == method
+                and r["run_seed"] in base]
+
     goal = {m: {"higher_adherence": row["adherence"] > dpo["adherence"],
                 "no_more_over_refusal": row["over_refusal"] <= dpo["over_refusal"],
                 "adherence_diff": row["adherence"] - dpo["adherence"],
                 "pairwise_diff": row["pairwise"] - dpo["pairwise"],
-                "over_refusal_diff": row["over_refusal"] - dpo["over_refusal"]}
+                "over_refusal_diff": row["over_refusal"] - dpo["over_refusal"],
+                "adherence_diff_by_seed": paired(m, "adherence"),
+                "over_refusal_diff_by_seed": paired(m, "over_refusal")}
             for m, row in table.items() if m.startswith("GW") and dpo}
     return {"table": table, "goal": goal}
 
@@ -318,17 +380,26 @@ def markdown_section(results: dict) -> str:
         f"word — is an over-refusal. A {s['hidden']}-wide, {s['layers']}-layer Llama built from scratch is warmed "
         f"up ({s['warmup_steps']} steps, batch 64, {s['warmup_rows']} rows) to know the task's language but not "
         "the hierarchy: it follows the first line, the second line or refuses a conflict (40/40/20) and refuses a "
-        f"fifth of the benign two-source prompts. {results['pairs']} conflict pairs over all ten pairs of levels "
-        "(chosen = the higher source's word, rejected = the lower one's) train plain DPO and GW-DPO with the same "
+        f"fifth of the benign two-source prompts. {s['pairs']} conflict pairs over all ten pairs of levels "
+        "(chosen = the higher source's word, rejected = the lower one's) and "
+        f"{s.get('benign_pairs', 0)} benign pairs (chosen = the asked word, rejected = the refusal or another "
+        "word, half each; both levels the prompt's top source, so no gap and GW-DPO margin 0), shuffled together, "
+        "train plain DPO and GW-DPO with the same "
         f"β = {s['beta']}, learning rate {s['dpo_lr']:g}, {s['dpo_steps']} steps of 32 pairs and seeds "
         f"(`dpokit.train`, sigmoid loss, the warm-up model as reference, and for every method the NLL of the "
         f"chosen reply with weight rpo_alpha = {s['rpo_alpha']}); GW-DPO's per-pair margin comes from the "
         "`hierarchy` recipe (`objectives.gw_margin`): linear m = scale·gap, bilateral m = scale·gap·p/5 "
         "(p the privileged level, gap = p − conflicting level), at scales "
         f"{', '.join(f'{x:g}' for x in s['scales'])}. "
-        f"Each row is the mean over {len(s['seeds'])} training seed(s).", "",
-        f"Measured on held-out prompts (word pairs no training prompt uses): {s['eval_per_pair']} conflicts for "
-        f"each pair of levels and {s['eval_benign']} benign prompts. Rates are exact reply probabilities — what "
+        + (f"Control: plain DPO trained for {', '.join(str(n) for n in s['control_steps'])} steps — GW-DPO's "
+           "margins make every conflict pair's loss larger, and so does training longer. "
+           if s.get("control_steps") else "")
+        + f"Each row is the mean over {len(s['seeds'])} training seeds {tuple(s['seeds'])} (min–max in brackets); "
+        "a seed sets the data order and is shared by all methods, so differences are also given per seed.", "",
+        f"Measured on held-out prompts: {s['eval_per_pair']} conflicts for each pair of levels (word pairs no "
+        f"training prompt uses) and {s['eval_benign']} distinct benign prompts (a quarter single-source) set aside "
+        "before the warm-up and kept out of it and of the pairs — there are only 850 benign prompts, and a "
+        "warm-up of this size sees nearly all of them. Rates are exact reply probabilities — what "
         "sampling at temperature 1 gives, with no sampling noise: adherence = mean π(higher source's word), "
         "pairwise = the share of conflicts where the higher word is likelier than the lower, over-refusal = "
         "mean over benign prompts of 1 − π(asked word). The greedy columns are the same with the greedy reply.", "",
@@ -337,14 +408,20 @@ def markdown_section(results: dict) -> str:
         "| model | adherence | " + " | ".join(f"gap {g}" for g in gaps)
         + " | pairwise | follows lower | refuses conflict | over-refusal | greedy adherence | greedy over-refusal |",
         "|---|---:|" + "---:|" * len(gaps) + "---:|---:|---:|---:|---:|---:|"]
+    span = lambda r, k: (f" ({100 * r[k + '_range'][0]:.{2 if 'refusal' in k else 1}f}–"  # noqa: E731
+                         f"{100 * r[k + '_range'][1]:.{2 if 'refusal' in k else 1}f})" if k + "_range" in r else "")
     for method, r in table.items():
-        lines.append(f"| {method} | {r['adherence']:.1%} | "
+        lines.append(f"| {method} | {r['adherence']:.1%}{span(r, 'adherence')} | "
                      + " | ".join(f"{r['adherence_by_gap'][g]:.1%}" for g in gaps)
                      + f" | {r['pairwise']:.1%} | {r['follows_lower']:.1%} | {r['refuses_conflict']:.1%} | "
-                       f"{r['over_refusal']:.1%} | {r['greedy_adherence']:.1%} | {r['greedy_over_refusal']:.1%} |")
+                       f"{r['over_refusal']:.2%}{span(r, 'over_refusal')} | {r['greedy_adherence']:.1%} | "
+                       f"{r['greedy_over_refusal']:.1%} |")
     lines.append("")
+    rng = lambda xs: f"{100 * min(xs):+.2f} to {100 * max(xs):+.2f}" if xs else "n/a"  # noqa: E731
     for method, g in results["summary"]["goal"].items():
-        lines.append(f"- {method} − plain DPO: adherence {100 * g['adherence_diff']:+.1f} points, pairwise "
-                     f"{100 * g['pairwise_diff']:+.1f}, over-refusal {100 * g['over_refusal_diff']:+.1f}.")
+        lines.append(f"- {method} − plain DPO: adherence {100 * g['adherence_diff']:+.1f} points (per seed "
+                     f"{rng(g['adherence_diff_by_seed'])}), pairwise {100 * g['pairwise_diff']:+.1f}, over-refusal "
+                     f"{100 * g['over_refusal_diff']:+.2f} (per seed {rng(g['over_refusal_diff_by_seed'])}) — goal "
+                     + ("met." if g["higher_adherence"] and g["no_more_over_refusal"] else "not met."))
     lines.append("")
     return "\n".join(lines)

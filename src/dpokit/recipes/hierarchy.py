@@ -12,6 +12,10 @@ are 1 (least trusted) … K, or the names data < tool < user < system < platform
 row is written back with `margin` = `dpokit.objectives.gw_margin(...)` under the `linear` or
 `bilateral` schedule (see there for the formulas); train it with the `sigmoid` loss, whose
 margin is the ODPO offset. A row that already has a margin is an error.
+
+A row whose two levels are equal has no privilege gap — a benign prompt (one source, or sources
+that agree), or a conflict within one level — and gets margin 0 under either schedule (both
+formulas are proportional to the gap), so such rows train as plain DPO next to the GW-DPO ones.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from typing import Any
 
 from ..data import RowProblem
 from ..errors import DpokitError
-from ..objectives import GW_SCHEDULES, HIERARCHY, gw_margin
+from ..objectives import GW_SCHEDULES, HIERARCHY, gw_margin, hierarchy_level
 from .common import Built, at_row, raw_rows
 
 NAME = "hierarchy"
@@ -42,11 +46,16 @@ def hierarchy_margins(source: Any, schedule: str = "bilateral", scale: float = 1
                 if row.get(key) is None:
                     raise RowProblem(f"missing field {key!r}")
             try:
-                margin = gw_margin(row["privileged_level"], row["conflicting_level"], schedule, scale, levels)
+                same = hierarchy_level(row["privileged_level"], levels) == hierarchy_level(row["conflicting_level"],
+                                                                                            levels)
+                margin = 0.0 if same else gw_margin(row["privileged_level"], row["conflicting_level"], schedule,
+                                                    scale, levels)
             except ValueError as e:
                 raise RowProblem(str(e)) from None
         out.rows.append({**row, "margin": margin})
         out.counts["pairs"] += 1
+        if same:
+            out.counts["no_gap"] += 1
     return out
 
 
