@@ -116,7 +116,7 @@ def _experiment(args) -> None:
         return
     from .experiments.frontier import run_frontier
 
-    run_frontier(out=args.out, quick=args.quick, seed=args.seed, docs_dir=args.docs)
+    run_frontier(out=args.out, quick=args.quick, seed=args.seed, docs_dir=args.docs, task=args.task, data=args.data)
 
 
 COMMANDS = {"train": _train, "demo": _demo, "tiny-model": _tiny_model, "eval": _eval, "score": _score,
@@ -185,6 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--docs", help="also write the plot and the 'Reward vs KL frontier' section of DOCS/experiments.md "
                                   "(secalign, hierarchy: their own sections)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--task", choices=["line", "vader"], default="line",
+                   help="frontier only: line = the demo's controlled task (default); vader = the prompts of an "
+                        "HH-style preference file (--data) with VADER sentiment as the reward")
+    p.add_argument("--data", help="frontier --task vader: the preference file whose dialogues give the prompts")
     from .recipes.cli import register as register_data
 
     register_data(sub)  # dpokit data build|validate|asr

@@ -1,6 +1,7 @@
 """Reward vs KL frontier: the controlled experiment of the DPO paper (Rafailov et al. 2023, Fig. 2), small.
 
-On the demo's task (dpokit.tasks: a positive line about a subject, exact ground-truth reward):
+On the demo's task (dpokit.tasks: a positive line about a subject, exact ground-truth reward), or with
+`task="vader"` on HH prompts with VADER sentiment as the reward (hh_sentiment.py; no noisy part there):
 
 1. the demo's warm-up (SFT) model, built and trained from scratch (dpokit.demo.warm_up);
 2. preference pairs sampled from it (temperature 1) and labelled by the true reward
@@ -11,14 +12,15 @@ On the demo's task (dpokit.tasks: a positive line about a subject, exact ground-
    then DPO, cDPO and robust DPO again on the noisy pairs, at one matched β;
 4. each run is checkpointed along the way (a constant learning rate after a short warm-up, so
    checkpoints are points on one trajectory, as the paper's frontier uses); every checkpoint
-   is one point: fresh samples on held-out prompts (subjects no pair names), their mean true
+   is one point: fresh samples on held-out prompts (no pair uses them), their mean true
    reward, and KL(π ‖ π_SFT) estimated on those samples (mean of log π(y|x) − log π_SFT(y|x),
    summed over the reply's tokens). All models draw with the same seed. A checkpoint is
    deleted once measured; each run's final model stays.
 
 `run_frontier` writes frontier.json (every point), frontier.svg and frontier.md (the table and
 reading) to its output dir, and with `docs_dir` also the "Reward vs KL frontier" section of
-`<docs_dir>/experiments.md` and `<docs_dir>/frontier.svg`.
+`<docs_dir>/experiments.md` and `<docs_dir>/frontier.svg` (the vader task: frontier-vader.svg and
+its own section).
 """
 
 from __future__ import annotations
@@ -38,10 +40,12 @@ import torch
 
 from .. import tasks
 from ..config import TrainConfig
-from ..demo import FULL as DEMO_FULL, QUICK as DEMO_QUICK, MAX_NEW_TOKENS, sample_stats, warm_up
+from ..data import Example
+from ..demo import FULL as DEMO_FULL, QUICK as DEMO_QUICK, MAX_NEW_TOKENS, pair_logps, warm_up
 from ..report import PALETTE, _fmt, _ticks
 from ..tiny import build_llama, build_tokenizer, single_thread
 from ..train import train
+from . import update_docs
 
 FLIP_FRACTION = 0.2
 SMOOTHING = 0.2  # cDPO's and robust DPO's assumed flip rate: the true one of the noisy pairs
@@ -177,99 +181,158 @@ def _policy_at(checkpoint_dir: Path, sft_model):
     return model.eval()
 
 
-def _train_and_measure(run: Run, data: Path, warm_dir: Path, sft_model, tokenizer, prompts: list[str], size: dict,
-                       out: Path, seed: int) -> list[dict]:
-    """Train `run`, then one point per checkpoint (and the final model)."""
-    from transformers import AutoModelForCausalLM
-
-    run_dir = out / "runs" / run.slug
-    cfg = TrainConfig(
-        model=str(warm_dir), ref_model=None if run.loss_type == "sft" else str(warm_dir), train_data=str(data),
-        output_dir=str(run_dir), loss_type=run.loss_type, beta=run.beta, label_smoothing=run.label_smoothing,
-        learning_rate=run.learning_rate, lr_scheduler_type="constant_with_warmup", warmup_steps=5,
-        max_steps=size["max_steps"], per_device_train_batch_size=32, max_length=64, max_prompt_length=32,
-        logging_steps=10, save_steps=size["eval_every"], save_total_limit=None, report_to=["jsonl"],
-        disable_tqdm=True, seed=seed + run.replicate, ref_cache_dir=str(out / "ref-cache"),
-    )
-    result = train(cfg)
-    models = [(int(p.name.split("-")[1]), p) for p in run_dir.glob("checkpoint-*")]
-    points = []
-    for step, path in sorted(models) + [(result.global_step, None)]:
-        model = _policy_at(path, sft_model) if path else AutoModelForCausalLM.from_pretrained(run_dir).eval()
-        stats = sample_stats(model, sft_model, tokenizer, prompts, size["eval_samples"], seed + 2)
-        points.append({**asdict(run), "step": step, "kl": stats["kl_to_warmup"], "reward": stats["mean_reward"],
-                       "malformed": stats["malformed"]})
-        if path:
-            shutil.rmtree(path)  # optimizer state and all: ~1 GB over a full run; the point is what is kept
-    return points
+@dataclass
+class Setup:
+    """A task for the experiment: the SFT model, the prompts, and how a reply is scored."""
+    name: str  # "line" (dpokit.tasks) or "vader" (HH prompts, VADER sentiment)
+    sft: object
+    tokenizer: object
+    warm_dir: Path
+    train_prompts: list[str]
+    heldout_prompts: list[str]
+    reward_fn: object  # (prompt, reply) -> the true reward
+    max_new_tokens: int
+    malformed: object = None  # reply -> bool, where the task has a notion of malformed
+    max_length: int = 64
+    max_prompt_length: int = 32
+    description: str = ""  # what the docs say about the task and the SFT model
 
 
-def sft_optimum(sft, tokenizer, prompts: list[str], n: int, seed: int) -> list[dict]:
-    """`optimal_frontier` from `n` fresh samples per held-out prompt of the SFT model."""
-    torch.manual_seed(seed + 3)
-    return optimal_frontier([x.reward for x in tasks.sample(sft, tokenizer, prompts, n, MAX_NEW_TOKENS)])
-
-
-def run_frontier(out: str | Path = "runs/frontier", quick: bool = False, seed: int = 0,
-                 docs_dir: str | Path | None = None) -> dict:
-    """Run the experiment (see the module docstring); returns what frontier.json holds."""
-    with single_thread():
-        return _run(Path(out), QUICK if quick else FULL, quick, seed, docs_dir)
-
-
-def _run(out: Path, size: dict, quick: bool, seed: int, docs_dir) -> dict:
-    t0, cpu0 = time.time(), time.process_time()
-    out.mkdir(parents=True, exist_ok=True)
+def line_setup(out: Path, size: dict, seed: int, data=None) -> Setup:
+    """The demo's task: a positive line about a subject; the demo's warm-up is the SFT model."""
     demo = size["demo"]
     random.seed(seed)
     torch.manual_seed(seed)
     train_prompts, heldout_prompts = tasks.split_prompts(seed)
     tokenizer = build_tokenizer(tasks.corpus(), vocab_size=600)
     sft = build_llama(tokenizer, hidden_size=demo["hidden"], num_layers=demo["layers"], seed=seed)
-    loss = warm_up(sft, tokenizer, tasks.sft_rows(train_prompts + heldout_prompts, demo["sft_rows"], seed),
-                   demo["sft_steps"], demo["sft_lr"], seed=seed)
-    warm_dir = out / "sft"
-    sft.save_pretrained(warm_dir)
-    tokenizer.save_pretrained(warm_dir)
-    _say(t0, f"SFT warm-up: {demo['sft_steps']} steps, loss {loss:.3f}")
+    warm_up(sft, tokenizer, tasks.sft_rows(train_prompts + heldout_prompts, demo["sft_rows"], seed),
+            demo["sft_steps"], demo["sft_lr"], seed=seed)
+    return Setup("line", sft, tokenizer, out / "sft", train_prompts, heldout_prompts, tasks.reward, MAX_NEW_TOKENS,
+                 lambda reply: tasks.adjectives_of(reply) is None, description=_line_description(demo))
+
+
+def _line_description(demo: dict) -> str:
+    return ("`dpokit.tasks` (a positive line about a subject; exact ground-truth reward in [-1, 1], -1 for "
+            "anything malformed) stands in for IMDb sentiment, and a "
+            f"{demo['hidden']}-wide, {demo['layers']}-layer Llama trained from scratch "
+            f"(`dpokit.demo.warm_up`, {demo['sft_steps']} steps) is the SFT model.")
+
+
+def measure(model, setup: Setup, n: int, seed: int) -> dict:
+    """Mean true reward of `n` fresh samples per held-out prompt, KL(π ‖ π_SFT) estimated on them, and the
+    share of malformed replies (None where the task has no such notion)."""
+    torch.manual_seed(seed)  # every model compared draws with the same generator state
+    samples = tasks.sample(model, setup.tokenizer, setup.heldout_prompts, n, setup.max_new_tokens,
+                           reward_fn=setup.reward_fn)
+    # Each sample is scored as a "pair" with itself; only the chosen half is read.
+    as_pairs = [Example(x.prompt_ids, x.response_ids, x.response_ids) for x in samples]
+    logp, _ = pair_logps(model, as_pairs, setup.tokenizer.pad_token_id)
+    ref_logp, _ = pair_logps(setup.sft, as_pairs, setup.tokenizer.pad_token_id)
+    bad = None if setup.malformed is None else sum(map(setup.malformed, (x.response for x in samples))) / len(samples)
+    return {"reward": sum(x.reward for x in samples) / len(samples), "kl": (logp - ref_logp).mean().item(),
+            "malformed": bad}
+
+
+def _train_and_measure(run: Run, data: Path, setup: Setup, size: dict, out: Path, seed: int) -> list[dict]:
+    """Train `run`, then one point per checkpoint (and the final model)."""
+    from transformers import AutoModelForCausalLM
+
+    run_dir = out / "runs" / run.slug
+    warm = str(setup.warm_dir)
+    cfg = TrainConfig(
+        model=warm, ref_model=None if run.loss_type == "sft" else warm, train_data=str(data),
+        output_dir=str(run_dir), loss_type=run.loss_type, beta=run.beta, label_smoothing=run.label_smoothing,
+        learning_rate=run.learning_rate, lr_scheduler_type="constant_with_warmup", warmup_steps=5,
+        max_steps=size["max_steps"], per_device_train_batch_size=32, max_length=setup.max_length,
+        max_prompt_length=setup.max_prompt_length, logging_steps=10, save_steps=size["eval_every"],
+        save_total_limit=None, report_to=["jsonl"], disable_tqdm=True, seed=seed + run.replicate,
+        ref_cache_dir=str(out / "ref-cache"),
+    )
+    result = train(cfg)
+    models = [(int(p.name.split("-")[1]), p) for p in run_dir.glob("checkpoint-*")]
+    points = []
+    for step, path in sorted(models) + [(result.global_step, None)]:
+        model = _policy_at(path, setup.sft) if path else AutoModelForCausalLM.from_pretrained(run_dir).eval()
+        points.append({**asdict(run), "step": step, **measure(model, setup, size["eval_samples"], seed + 2)})
+        if path:
+            shutil.rmtree(path)  # optimizer state and all: ~1 GB over a full run; the point is what is kept
+    return points
+
+
+def sft_optimum(setup: Setup, n: int, seed: int) -> list[dict]:
+    """`optimal_frontier` from `n` fresh samples per held-out prompt of the SFT model."""
+    torch.manual_seed(seed + 3)
+    return optimal_frontier([x.reward for x in tasks.sample(setup.sft, setup.tokenizer, setup.heldout_prompts, n,
+                                                            setup.max_new_tokens, reward_fn=setup.reward_fn)])
+
+
+def run_frontier(out: str | Path = "runs/frontier", quick: bool = False, seed: int = 0,
+                 docs_dir: str | Path | None = None, task: str = "line", data: str | Path | None = None) -> dict:
+    """Run the experiment (see the module docstring); returns what frontier.json holds. `task="vader"` runs it
+    on the prompts of an HH-style preference file `data` with VADER sentiment as the reward
+    (dpokit.experiments.hh_sentiment)."""
+    if task == "vader":
+        from . import hh_sentiment
+
+        setup_fn, size = hh_sentiment.setup, hh_sentiment.QUICK if quick else hh_sentiment.FULL
+    else:
+        setup_fn, size = line_setup, QUICK if quick else FULL
+    with single_thread():
+        return _run(Path(out), size, quick, seed, docs_dir, setup_fn, data)
+
+
+def _run(out: Path, size: dict, quick: bool, seed: int, docs_dir, setup_fn, data_path) -> dict:
+    t0, cpu0 = time.time(), time.process_time()
+    out.mkdir(parents=True, exist_ok=True)
+    setup = setup_fn(out, size, seed, data_path)
+    setup.sft.save_pretrained(setup.warm_dir)
+    setup.tokenizer.save_pretrained(setup.warm_dir)
+    _say(t0, f"SFT model ready ({setup.name} task)")
 
     torch.manual_seed(seed + 1)
-    clean = tasks.make_pairs(tasks.sample(sft, tokenizer, train_prompts, demo["samples_per_prompt"], MAX_NEW_TOKENS))
-    data = {("clean", r): out / "pairs_clean.jsonl" for r in range(size["replicates"])}
+    clean = tasks.make_pairs(tasks.sample(setup.sft, setup.tokenizer, setup.train_prompts,
+                                          size["demo"]["samples_per_prompt"], setup.max_new_tokens,
+                                          reward_fn=setup.reward_fn))
+    data = {("clean", r): out / "pairs_clean.jsonl" for r in range(max(1, size["replicates"]))}
     _write_jsonl(data["clean", 0], clean)
+    flipped = []
     for r in range(size["replicates"]):
         noisy, flipped = flip_labels(clean, FLIP_FRACTION, seed + r)
         data["noisy", r] = out / f"pairs_noisy_{r}.jsonl"
         _write_jsonl(data["noisy", r], noisy)
-    _say(t0, f"{len(clean)} pairs sampled from the SFT model and labelled by the true reward; "
-             f"{len(flipped)} ({FLIP_FRACTION:.0%}) flipped in each of {size['replicates']} noisy copies")
+    _say(t0, f"{len(clean)} pairs sampled from the SFT model and labelled by the true reward" +
+         (f"; {len(flipped)} ({FLIP_FRACTION:.0%}) flipped in each of {size['replicates']} noisy copies"
+          if size["replicates"] else ""))
 
-    alignment = first_step_alignment(sft, tokenizer, clean)
+    alignment = first_step_alignment(setup.sft, setup.tokenizer, clean)
     _say(t0, "first step at the SFT model, DPO vs preferred-FT: gradient cosine "
              f"{alignment['grad_cosine']:.3f}, Adam step cosine {alignment['adam_step_cosine']:.3f}")
-    base = sample_stats(sft, sft, tokenizer, heldout_prompts, size["eval_samples"], seed + 2)
-    optimum = sft_optimum(sft, tokenizer, heldout_prompts, 4 * size["eval_samples"], seed)
-    points = [{"method": "SFT", "labels": labels, "step": 0, "kl": 0.0, "reward": base["mean_reward"],
-               "malformed": base["malformed"]} for labels in ("clean", "noisy")]
+    base = measure(setup.sft, setup, size["eval_samples"], seed + 2)
+    optimum = sft_optimum(setup, 4 * size["eval_samples"], seed)
+    labels = ("clean", "noisy") if size["replicates"] else ("clean",)
+    points = [{"method": "SFT", "labels": x, "step": 0, "kl": 0.0, "reward": base["reward"],
+               "malformed": base["malformed"]} for x in labels]
     for run in size["runs"]:
-        new = _train_and_measure(run, data[run.labels, run.replicate], warm_dir, sft, tokenizer, heldout_prompts,
-                                 size, out, seed)
+        new = _train_and_measure(run, data[run.labels, run.replicate], setup, size, out, seed)
         points += new
         best = max(new, key=lambda p: p["reward"])
         _say(t0, f"{run.slug}: best reward {best['reward']:+.3f} at KL {best['kl']:.2f} (step {best['step']}); "
                  f"last {new[-1]['reward']:+.3f} at KL {new[-1]['kl']:.2f}")
 
     results = {
-        "quick": quick, "seed": seed, "sft_reward": base["mean_reward"], "sft_malformed": base["malformed"],
-        "pairs": len(clean), "flipped": len(flipped), "heldout_prompts": len(heldout_prompts),
+        "task": setup.name, "task_description": setup.description,
+        "quick": quick, "seed": seed, "sft_reward": base["reward"], "sft_malformed": base["malformed"],
+        "pairs": len(clean), "flipped": len(flipped), "heldout_prompts": len(setup.heldout_prompts),
         "chosen_reward": sum(r["score_chosen"] for r in clean) / len(clean),
         "eval_samples_per_prompt": size["eval_samples"], "max_steps": size["max_steps"],
         "eval_every": size["eval_every"], "noisy_beta": size["noisy_beta"], "replicates": size["replicates"],
-        "sizes": demo, "optimal": optimum, "points": points, "first_step": alignment,
+        "sizes": size["demo"], "optimal": optimum, "points": points, "first_step": alignment,
     }
     results["wall_s"] = round(time.time() - t0, 1)
     results["cpu_s"] = round(time.process_time() - cpu0, 1)  # wall time depends on what else the machine runs
-    results["command"] = "dpokit experiment frontier" + (" --quick" if quick else "") + f" --out {out}" + \
+    results["command"] = "dpokit experiment frontier" + (" --quick" if quick else "") + \
+        (f" --task {setup.name} --data {data_path}" if setup.name != "line" else "") + f" --out {out}" + \
         (f" --docs {docs_dir}" if docs_dir is not None else "")
     results["machine"] = f"{os.cpu_count()} CPU cores, torch on 1 thread"
     write_outputs(results, out, docs_dir)
@@ -278,20 +341,24 @@ def _run(out: Path, size: dict, quick: bool, seed: int, docs_dir) -> dict:
 
 
 def write_outputs(results: dict, out: str | Path, docs_dir: str | Path | None = None) -> None:
-    """frontier.json, frontier.svg and frontier.md in `out`; the plot and the docs section in `docs_dir`.
+    """frontier.json, the plot and frontier.md in `out`; the plot and the docs section in `docs_dir`.
     Also redraws them from a saved frontier.json (`write_outputs(json.load(...), out)`)."""
     out = Path(out)
     results["summary"] = summarize(results)
     (out / "frontier.json").write_text(json.dumps(results, indent=2))
+    name = "frontier" if results.get("task", "line") == "line" else f"frontier-{results['task']}"
     svg = plot_svg(results["points"], optimal=results.get("optimal"))
-    (out / "frontier.svg").write_text(svg)
-    section = markdown_section(results, svg_name="frontier.svg")
+    (out / f"{name}.svg").write_text(svg)
+    section = markdown_section(results, svg_name=f"{name}.svg")
     (out / "frontier.md").write_text(section)
     if docs_dir is not None:
         docs = Path(docs_dir)
         docs.mkdir(parents=True, exist_ok=True)
-        (docs / "frontier.svg").write_text(svg)
-        update_section(docs / "experiments.md", section)
+        (docs / f"{name}.svg").write_text(svg)
+        if name == "frontier":
+            update_section(docs / "experiments.md", section)
+        else:  # its reading is written below the section, as the other experiments' are
+            update_docs(docs / "experiments.md", name, section)
 
 
 # ---------------------------------------------------------------- reading the points
@@ -427,10 +494,14 @@ def plot_svg(points: list[dict], kl_max: float = 3.0, optimal: list[dict] | None
     drawn on the right edge, hollow, with their real KL in the tooltip. `optimal` (optimal_frontier's
     points) is drawn dashed in both panels."""
     panels = [("clean labels", "clean"), (f"{FLIP_FRACTION:.0%} of labels flipped", "noisy")]
-    width = LEFT + 2 * PW + GAP + 20
+    panels = [x for x in panels if any(p["labels"] == x[1] and p["method"] != "SFT" for p in points)]
+    width = LEFT + len(panels) * PW + (len(panels) - 1) * GAP + 20
     height = TOP + PH + BOTTOM + 46
-    y0, y1 = -1.0, 1.0
     x0, x1 = 0.0, kl_max
+    # the rewards' range, to a tenth, within the reward bounds [-1, 1] the tasks share
+    shown = [p["reward"] for p in points] + [q["reward"] for q in optimal or [] if q["kl"] <= x1]
+    y0 = max(-1.0, math.floor(min(shown, default=-1) * 10 - 0.5) / 10)
+    y1 = min(1.0, math.ceil(max(shown, default=1) * 10 + 0.5) / 10)
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {width} {height}" width="{width}" '
              f'height="{height}" font-family="sans-serif" role="img" '
              f'aria-label="ground-truth reward against KL to the SFT model">',
@@ -473,7 +544,8 @@ def plot_svg(points: list[dict], kl_max: float = 3.0, optimal: list[dict] | None
             for p in pts:
                 tip = (f"{method} β={p['beta']:g} lr={p['learning_rate']:g} replicate {p.get('replicate', 0)} "
                        f"step {p['step']}: KL {p['kl']:.3f}, "
-                       f"reward {p['reward']:+.3f}, malformed {p['malformed']:.0%}")
+                       f"reward {p['reward']:+.3f}" +
+                       ("" if p["malformed"] is None else f", malformed {p['malformed']:.0%}"))
                 parts.append(_marker(MARKERS[method], sx(p["kl"]), sy(p["reward"]), COLORS[method], tip,
                                      hollow=p["kl"] > x1))
         if sft:
@@ -504,19 +576,18 @@ def _num(v, fmt="+.3f") -> str:
 
 def markdown_section(results: dict, svg_name: str = "frontier.svg") -> str:
     s, points = results["summary"], results["points"]
-    sizes = results["sizes"]
-    lines = [BEGIN, "## Reward vs KL frontier", "",
+    line_task = results.get("task", "line") == "line"
+    description = results.get("task_description") or _line_description(results["sizes"])
+    lines = [BEGIN if line_task else "", "## Reward vs KL frontier" + ("" if line_task else
+                                                                     ": VADER sentiment on HH prompts"), "",
              "The controlled experiment of the DPO paper (Rafailov et al. 2023, Fig. 2) at small scale, on CPU: "
-             "`dpokit.tasks` (a positive line about a subject; exact ground-truth reward in [-1, 1], -1 for "
-             "anything malformed) stands in for IMDb sentiment, and a "
-             f"{sizes['hidden']}-wide, {sizes['layers']}-layer Llama trained from scratch "
-             f"(`dpokit.demo.warm_up`, {sizes['sft_steps']} steps) is the SFT model. "
+             f"{description} "
              f"{results['pairs']} preference pairs are sampled from it (temperature 1) on the training prompts and "
              "labelled by the true reward. Every method trains on them with `dpokit.train` against the SFT model "
              f"(batch 32, constant learning rate after 5 warm-up steps, {results['max_steps']} steps, a checkpoint "
              f"every {results['eval_every']}); each checkpoint is one point: "
              f"{results['eval_samples_per_prompt']} samples on each of {results['heldout_prompts']} held-out prompts "
-             "(subjects no pair names), their mean true reward, and KL(π ‖ π_SFT) estimated on the same samples "
+             "(no pair uses them), their mean true reward, and KL(π ‖ π_SFT) estimated on the same samples "
              "(mean over samples of log π(y|x) − log π_SFT(y|x), summed over the reply's tokens). "
              "Preferred-FT is SFT on the chosen replies (`loss_type: sft`, no reference).", "",
              f"Rerun: `{results['command']}` ({results['wall_s'] / 60:.1f} min wall, "
@@ -536,7 +607,8 @@ def markdown_section(results: dict, svg_name: str = "frontier.svg") -> str:
                   "|---|" + "---:|" * len(KL_BUDGETS)]
         for method, row in s["mixture"].items():
             lines.append(f"| {method} | " + " | ".join(_num(row[str(b)]) for b in KL_BUDGETS) + " |")
-    lines += ["", f"SFT model: reward {results['sft_reward']:+.3f}, {results['sft_malformed']:.1%} malformed. "
+    malformed = "" if results["sft_malformed"] is None else f", {results['sft_malformed']:.1%} malformed"
+    lines += ["", f"SFT model: reward {results['sft_reward']:+.3f}{malformed}. "
               f"Mean reward of the chosen replies: {results['chosen_reward']:+.3f} (what preferred-FT imitates). "
               "The KL-optimal policy (dashed in the plot) is π ∝ π_SFT·exp(r/β), the optimum of the "
               "KL-regularised objective DPO and IPO solve, i.e. the best reward any policy can have at a given KL; "
@@ -568,8 +640,8 @@ def markdown_section(results: dict, svg_name: str = "frontier.svg") -> str:
         beta = "–" if p["loss_type"] == "sft" else format(p["beta"], "g")
         lines.append(f"| {p['labels']} | {p['method']} | {beta} | {p['label_smoothing']:g} | {p['learning_rate']:g} "
                      f"| {p['replicate']} | {p['step']} | {p['kl']:.3f} | "
-                     f"{p['reward']:+.3f} | {p['malformed']:.1%} |")
-    lines += ["", "</details>", "", "<!-- frontier:reading -->", "", END, ""]
+                     f"{p['reward']:+.3f} | {'–' if p['malformed'] is None else format(p['malformed'], '.1%')} |")
+    lines += ["", "</details>", ""] + (["<!-- frontier:reading -->", "", END, ""] if line_task else [])
     return "\n".join(lines)
 
 
