@@ -495,7 +495,7 @@ def plot_svg(points: list[dict], kl_max: float = 3.0, optimal: list[dict] | None
     points) is drawn dashed in both panels."""
     panels = [("clean labels", "clean"), (f"{FLIP_FRACTION:.0%} of labels flipped", "noisy")]
     panels = [x for x in panels if any(p["labels"] == x[1] and p["method"] != "SFT" for p in points)]
-    width = LEFT + len(panels) * PW + (len(panels) - 1) * GAP + 20
+    width = max(LEFT + len(panels) * PW + (len(panels) - 1) * GAP + 20, 760)  # the legend's width
     height = TOP + PH + BOTTOM + 46
     x0, x1 = 0.0, kl_max
     # the rewards' range, to a tenth, within the reward bounds [-1, 1] the tasks share
@@ -553,7 +553,8 @@ def plot_svg(points: list[dict], kl_max: float = 3.0, optimal: list[dict] | None
     parts.append(f'<text x="14" y="{TOP + PH / 2}" font-size="11" fill="#333" text-anchor="middle" '
                  f'transform="rotate(-90 14 {TOP + PH / 2})">true reward of samples (held-out prompts)</text>')
     lx, ly = LEFT, TOP + PH + BOTTOM + 18
-    for method in ("SFT", "preferred-FT", "DPO", "IPO", "cDPO", "robust DPO"):
+    shown_methods = {p["method"] for p in points}
+    for method in (m for m in ("SFT", "preferred-FT", "DPO", "IPO", "cDPO", "robust DPO") if m in shown_methods):
         parts.append(_marker(MARKERS[method], lx + 6, ly - 4, COLORS[method], method)
                      + f'<text x="{lx + 16}" y="{ly}" font-size="12">{html.escape(method)}</text>')
         lx += 30 + 7 * len(method)
@@ -628,7 +629,7 @@ def markdown_section(results: dict, svg_name: str = "frontier.svg") -> str:
                   f"gradient and preferred-FT's is {f['grad_cosine']:.3f} (their first Adam steps: "
                   f"{f['adam_step_cosine']:.3f}); DPO's gradient on one half of the pairs against the other "
                   f"half's: {f['dpo_halves_grad_cosine']:.3f} ({f['dpo_halves_adam_step_cosine']:.3f}). "
-                  "See `first_step_alignment` for why they must agree on pairs of on-policy samples."]
+                  "See `first_step_alignment` for why their expectations agree on pairs of on-policy samples."]
     if s["noisy"]:
         lines += _noisy_lines(results)
     lines += ["", "<details><summary>Every point</summary>", "",
