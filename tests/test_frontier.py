@@ -84,13 +84,20 @@ def test_plot_is_svg_with_one_marker_per_point_and_far_points_hollow():
     root = ET.fromstring(svg)
     ns = "{http://www.w3.org/2000/svg}"
     titles = [g.find(f"{ns}title").text for g in root.iter(f"{ns}g")]
-    # 4 trained points + 2 SFT rings, then the 6 legend entries
-    assert len(titles) == 4 + 2 + 6
+    # 4 trained points + 2 SFT rings, then a legend entry for each method shown (no IPO, no robust DPO)
+    assert len(titles) == 4 + 2 + 4
+    assert [t for t in titles[-4:]] == ["SFT", "preferred-FT", "DPO", "cDPO"]
     far = next(g for g in root.iter(f"{ns}g") if "KL 30.000" in g.find(f"{ns}title").text)
     shape = list(far)[1]
     assert shape.get("fill") == "#fff" and shape.get("stroke") == fr.COLORS["DPO"]
     xs = [float(list(g)[1].get("cx")) for g in root.iter(f"{ns}g") if list(g)[1].get("cx")]
     assert max(xs) <= fr.LEFT + 2 * fr.PW + fr.GAP  # clipped to the panel, not drawn off the page
+    # the y axis covers the rewards shown, within [-1, 1]
+    ticks = [float(t.text) for t in root.iter(f"{ns}text") if t.text and t.get("text-anchor") == "end"]
+    assert -1 <= min(ticks) <= -0.9 and 0.5 <= max(ticks) < 1  # not the fixed [-1, 1] when nothing reaches 1
+    clean_only = ET.fromstring(fr.plot_svg([p for p in pts if p["labels"] == "clean"], kl_max=3.0))
+    panels = [t.text for t in clean_only.iter(f"{ns}text") if t.get("font-weight") == "bold"]
+    assert panels == ["clean labels"]
 
 
 def test_docs_section_replaces_itself_keeps_other_sections_and_the_reading(tmp_path):
