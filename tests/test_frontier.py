@@ -1,5 +1,5 @@
-"""The reward-vs-KL frontier experiment: label flipping, the reading of the points, the plot, the docs
-section, and a quick end-to-end run on the controlled task."""
+"""The reward-vs-KL frontier experiment: label flipping, the reading of the points, the plot and the docs
+section (frontier_report), and a quick end-to-end run on the controlled task."""
 
 import json
 import math
@@ -8,6 +8,7 @@ import xml.etree.ElementTree as ET
 import pytest
 
 from dpokit.experiments import frontier as fr
+from dpokit.experiments import frontier_report as rp
 
 
 def _rows(n):
@@ -46,7 +47,7 @@ def test_summary_envelope_dominance_and_kept_gain():
     # a second replicate of the noisy comparison; its clean DPO run would top the sweep's envelope if counted
     pts += [_point("DPO", "clean", 20, 0.3, 0.9, replicate=1), _point("DPO", "clean", 40, 0.6, 0.7, replicate=1),
             _point("DPO", "noisy", 20, 0.2, 0.5, replicate=1), _point("DPO", "noisy", 40, 0.5, 0.6, replicate=1)]
-    s = fr.summarize({"sft_reward": 0.0, "noisy_beta": 0.5, "replicates": 2, "points": pts})
+    s = rp.summarize({"sft_reward": 0.0, "noisy_beta": 0.5, "replicates": 2, "points": pts})
     env = s["envelope"]
     assert env["DPO"]["0.25"] == 0.0  # only the SFT model is that close
     assert env["DPO"]["0.5"] == 0.6 and env["DPO"]["2.0"] == 0.6  # the degenerate point never counts as best
@@ -80,7 +81,7 @@ def test_plot_is_svg_with_one_marker_per_point_and_far_points_hollow():
     pts = [_point("SFT", "clean", 0, 0.0, 0.0), _point("DPO", "clean", 20, 0.3, 0.6),
            _point("DPO", "clean", 40, 30.0, -0.9), _point("preferred-FT", "clean", 20, 0.2, 0.3),
            _point("SFT", "noisy", 0, 0.0, 0.0), _point("cDPO", "noisy", 20, 0.5, 0.5)]
-    svg = fr.plot_svg(pts, kl_max=3.0)
+    svg = rp.plot_svg(pts, kl_max=3.0)
     root = ET.fromstring(svg)
     ns = "{http://www.w3.org/2000/svg}"
     titles = [g.find(f"{ns}title").text for g in root.iter(f"{ns}g")]
@@ -89,31 +90,31 @@ def test_plot_is_svg_with_one_marker_per_point_and_far_points_hollow():
     assert [t for t in titles[-4:]] == ["SFT", "preferred-FT", "DPO", "cDPO"]
     far = next(g for g in root.iter(f"{ns}g") if "KL 30.000" in g.find(f"{ns}title").text)
     shape = list(far)[1]
-    assert shape.get("fill") == "#fff" and shape.get("stroke") == fr.COLORS["DPO"]
+    assert shape.get("fill") == "#fff" and shape.get("stroke") == rp.COLORS["DPO"]
     xs = [float(list(g)[1].get("cx")) for g in root.iter(f"{ns}g") if list(g)[1].get("cx")]
-    assert max(xs) <= fr.LEFT + 2 * fr.PW + fr.GAP  # clipped to the panel, not drawn off the page
+    assert max(xs) <= rp.LEFT + 2 * rp.PW + rp.GAP  # clipped to the panel, not drawn off the page
     # the y axis covers the rewards shown, within [-1, 1]
     ticks = [float(t.text) for t in root.iter(f"{ns}text") if t.text and t.get("text-anchor") == "end"]
     assert -1 <= min(ticks) <= -0.9 and 0.5 <= max(ticks) < 1  # not the fixed [-1, 1] when nothing reaches 1
-    clean_only = ET.fromstring(fr.plot_svg([p for p in pts if p["labels"] == "clean"], kl_max=3.0))
+    clean_only = ET.fromstring(rp.plot_svg([p for p in pts if p["labels"] == "clean"], kl_max=3.0))
     panels = [t.text for t in clean_only.iter(f"{ns}text") if t.get("font-weight") == "bold"]
     assert panels == ["clean labels"]
 
 
 def test_docs_section_replaces_itself_keeps_other_sections_and_the_reading(tmp_path):
     doc = tmp_path / "experiments.md"
-    first = f"{fr.BEGIN}\n## Reward vs KL frontier\nold table\n\n<!-- frontier:reading -->\n\n{fr.END}\n"
-    fr.update_section(doc, first)
+    first = f"{rp.BEGIN}\n## Reward vs KL frontier\nold table\n\n<!-- frontier:reading -->\n\n{rp.END}\n"
+    rp.update_section(doc, first)
     text = doc.read_text()
-    assert text.startswith("# Experiments") and text.count(fr.BEGIN) == 1
+    assert text.startswith("# Experiments") and text.count(rp.BEGIN) == 1
     # someone adds another section and a hand-written reading
     doc.write_text(text.replace("<!-- frontier:reading -->\n", "<!-- frontier:reading -->\nDPO wins.\n")
                    + "\n## Another experiment\nkeep me\n")
-    fr.update_section(doc, first.replace("old table", "new table"))
+    rp.update_section(doc, first.replace("old table", "new table"))
     text = doc.read_text()
     assert "new table" in text and "old table" not in text
-    assert "DPO wins." in text and "keep me" in text and text.count(fr.BEGIN) == 1
-    assert text.index(fr.END) < text.index("## Another experiment")
+    assert "DPO wins." in text and "keep me" in text and text.count(rp.BEGIN) == 1
+    assert text.index(rp.END) < text.index("## Another experiment")
 
 
 def test_quick_run_dpo_raises_the_true_reward(tmp_path):
@@ -136,13 +137,13 @@ def test_mixture_frontier_is_the_upper_concave_hull():
     pts = [_point("SFT", "clean", 0, 0.0, 0.0), _point("DPO", "clean", 20, 0.5, 0.2),
            _point("DPO", "clean", 40, 1.0, 1.0), _point("IPO", "clean", 20, 0.2, 0.9)]
     # between the SFT model and the point at KL 1, a mixture beats the checkpoint at KL 0.5
-    assert fr.mixture_frontier(pts, ["DPO"], 0.5) == pytest.approx(0.5)
-    assert fr.envelope(pts, ["DPO"], 0.5) == pytest.approx(0.2)
-    assert fr.mixture_frontier(pts, ["DPO"], 0.25) == pytest.approx(0.25)
-    assert fr.mixture_frontier(pts, ["DPO"], 3.0) == pytest.approx(1.0)  # past the last point: the best one
+    assert rp.mixture_frontier(pts, ["DPO"], 0.5) == pytest.approx(0.5)
+    assert rp.envelope(pts, ["DPO"], 0.5) == pytest.approx(0.2)
+    assert rp.mixture_frontier(pts, ["DPO"], 0.25) == pytest.approx(0.25)
+    assert rp.mixture_frontier(pts, ["DPO"], 3.0) == pytest.approx(1.0)  # past the last point: the best one
     # other methods' points do not count; with IPO's the chord from (0.2, 0.9) to (1, 1) is the hull
-    assert fr.mixture_frontier(pts, ["DPO", "IPO"], 0.6) == pytest.approx(0.95)
-    assert fr.mixture_frontier(pts, ["DPO"], 0.6, labels="noisy") is None
+    assert rp.mixture_frontier(pts, ["DPO", "IPO"], 0.6) == pytest.approx(0.95)
+    assert rp.mixture_frontier(pts, ["DPO"], 0.6, labels="noisy") is None
 
 
 def test_first_step_alignment_compares_the_right_gradients():

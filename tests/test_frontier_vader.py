@@ -3,10 +3,9 @@
 import json
 import xml.etree.ElementTree as ET
 
-import pytest
-
 from dpokit.cli import main
 from dpokit.experiments import frontier as fr
+from dpokit.experiments import frontier_report as rp
 from dpokit.experiments import hh_sentiment as hh
 
 WORDS = ["good", "great", "happy", "lovely", "bad", "awful", "sad", "terrible", "table", "river", "green", "quiet"]
@@ -55,7 +54,7 @@ def test_quick_vader_run_labels_pairs_by_sentiment_and_writes_its_own_section(tm
     data = _dialogues(tmp_path / "hh.jsonl", 40)
     docs = tmp_path / "docs"
     docs.mkdir()
-    (docs / "experiments.md").write_text(f"# Experiments\n\n{fr.BEGIN}\nline task\n{fr.END}\n")
+    (docs / "experiments.md").write_text(f"# Experiments\n\n{rp.BEGIN}\nline task\n{rp.END}\n")
     results = fr.run_frontier(out=tmp_path / "fr", quick=True, docs_dir=docs, task="vader", data=data)
     assert results["task"] == "vader" and results["replicates"] == 0
     reward = hh.vader_reward()
