@@ -3,6 +3,8 @@
 import json
 import xml.etree.ElementTree as ET
 
+import pytest
+
 from dpokit.cli import main
 from dpokit.experiments import frontier as fr
 from dpokit.experiments import frontier_report as rp
@@ -70,3 +72,12 @@ def test_quick_vader_run_labels_pairs_by_sentiment_and_writes_its_own_section(tm
     svg = ET.fromstring((docs / "frontier-vader.svg").read_text())
     titles = [t.text for t in svg.iter("{http://www.w3.org/2000/svg}text") if t.text]
     assert "clean labels" in titles and not any("flipped" in t for t in titles)  # one panel: no noisy runs
+
+
+@pytest.mark.parametrize("argv", [["frontier", "--data", "x.jsonl"], ["secalign", "--task", "vader"],
+                                  ["hierarchy", "--data", "x.jsonl"]])
+def test_task_and_data_are_refused_where_they_mean_nothing(tmp_path, capsys, argv):
+    status = main(["experiment", *argv, "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(err) == 1 and "--task vader" in err[0]
+    assert not (tmp_path / "out").exists()  # refused before anything ran

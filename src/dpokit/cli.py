@@ -107,6 +107,9 @@ def _bench(args) -> None:
 
 
 def _experiment(args) -> None:
+    vader = args.name == "frontier" and args.task == "vader"
+    if (args.data and not vader) or (args.name != "frontier" and args.task != "line"):
+        raise DpokitError("--task and --data belong to `experiment frontier`; --data is read by --task vader only")
     if args.name in ("secalign", "hierarchy"):
         from importlib import import_module
 
