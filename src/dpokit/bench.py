@@ -149,6 +149,7 @@ def prepare(workdir: Path, s: Settings, data: Path | None, prompt_tokens: int | 
         rows = _cut_to_tokens(rows, tokenizer)
     # Only pairs both trainers keep: the prompt must leave room for a completion within max_length.
     from .data.formats import row_to_pair
+    from .recipes.common import write_jsonl
     from .data.tokenize import tokenize_pair
     from .data.formats import RowProblem
 
@@ -169,7 +170,7 @@ def prepare(workdir: Path, s: Settings, data: Path | None, prompt_tokens: int | 
     model.save_pretrained(workdir / "model")
     tokenizer.save_pretrained(workdir / "model")
     pairs = workdir / "pairs.jsonl"
-    pairs.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    write_jsonl(kept, pairs)
     n_params = sum(p.numel() for p in model.parameters())
     del model
     torch.cuda.empty_cache() if torch.cuda.is_available() else None

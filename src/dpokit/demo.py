@@ -39,6 +39,7 @@ from . import tasks
 from .config import TrainConfig
 from .data import Example, load_examples
 from .families.causal_lm import CausalLMScorer, collate
+from .recipes.common import write_jsonl
 from .tiny import build_llama, build_tokenizer, single_thread
 from .train import train
 
@@ -95,10 +96,16 @@ def pair_logps(model, examples: list[Example], pad_token_id: int, batch_size: in
     return torch.cat(chosen), torch.cat(rejected)
 
 
-def sample_stats(model, ref_model, tokenizer, prompts: list[str], n: int, seed: int) -> dict:
-    """Ground-truth reward of `n` fresh samples per prompt, and KL(π ‖ π_ref) estimated on them."""
+def malformed_line(reply: str) -> bool:
+    return tasks.adjectives_of(reply) is None
+
+
+def sample_stats(model, ref_model, tokenizer, prompts: list[str], n: int, seed: int,
+                 max_new_tokens: int = MAX_NEW_TOKENS, reward_fn=tasks.reward, malformed=malformed_line) -> dict:
+    """Ground-truth reward of `n` fresh samples per prompt, and KL(π ‖ π_ref) estimated on them. The task's
+    defaults are dpokit.tasks'; `malformed=None` where a task has no such notion."""
     torch.manual_seed(seed)  # every model compared draws with the same generator state
-    samples = tasks.sample(model, tokenizer, prompts, n, MAX_NEW_TOKENS)
+    samples = tasks.sample(model, tokenizer, prompts, n, max_new_tokens, reward_fn=reward_fn)
     rewards = torch.tensor([s.reward for s in samples])
     # Each sample is scored as a "pair" with itself; only the chosen half is read.
     as_pairs = [Example(s.prompt_ids, s.response_ids, s.response_ids) for s in samples]
@@ -107,8 +114,8 @@ def sample_stats(model, ref_model, tokenizer, prompts: list[str], n: int, seed: 
     return {
         "mean_reward": rewards.mean().item(),
         "all_positive": (rewards == 1).float().mean().item(),
-        "malformed": (torch.tensor([tasks.adjectives_of(s.response) is None for s in samples])
-                      .float().mean().item()),
+        "malformed": None if malformed is None else
+        torch.tensor([malformed(s.response) for s in samples]).float().mean().item(),
         "kl_to_warmup": (logp - ref_logp).mean().item(),
         "samples": [{"prompt": s.prompt, "response": s.response, "reward": s.reward} for s in samples[::n][:8]],
     }
@@ -119,10 +126,6 @@ def heldout_accuracy(model, ref_model, examples: list[Example], pad_token_id: in
     c, r = pair_logps(model, examples, pad_token_id)
     ref_c, ref_r = pair_logps(ref_model, examples, pad_token_id)
     return (c > r).float().mean().item(), ((c - ref_c) > (r - ref_r)).float().mean().item()
-
-
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
 def _say(t0: float, message: str) -> None:
@@ -178,7 +181,7 @@ def _run(out: Path, seed: int, quick: bool) -> dict:
     k = size["samples_per_prompt"]
     torch.manual_seed(seed + 1)
     heldout_path = out / "heldout_pairs.jsonl"
-    _write_jsonl(heldout_path, tasks.make_pairs(tasks.sample(warm, tokenizer, heldout_prompts, k, MAX_NEW_TOKENS)))
+    write_jsonl(tasks.make_pairs(tasks.sample(warm, tokenizer, heldout_prompts, k, MAX_NEW_TOKENS)), heldout_path)
     heldout = load_examples(heldout_path, tokenizer, MAX_LENGTH, MAX_PROMPT_LENGTH)
     n = size["eval_samples"]
     warm_acc, _ = heldout_accuracy(warm, warm, heldout, tokenizer.pad_token_id)
@@ -194,7 +197,7 @@ def _run(out: Path, seed: int, quick: bool) -> dict:
         pairs = tasks.make_pairs(drawn)
         round_dir = out / f"dpo-round{r}"
         round_dir.mkdir(parents=True, exist_ok=True)
-        _write_jsonl(round_dir / "pairs.jsonl", pairs)
+        write_jsonl(pairs, round_dir / "pairs.jsonl")
         cfg = TrainConfig(
             model=str(policy_dir), ref_model=str(warm_dir), train_data=str(round_dir / "pairs.jsonl"),
             eval_data=str(heldout_path), output_dir=str(round_dir), beta=size["beta"], learning_rate=size["dpo_lr"],

@@ -28,13 +28,10 @@ class RowProblem(ValueError):
     """What is wrong with one row; the caller adds file and row number."""
 
 
-@dataclass
-class Pair:
+class _Prompted:
+    """What the row kinds share: a prompt that is a string, or a message list (conversational)."""
+
     prompt: str | list[dict]
-    chosen: str | list[dict]
-    rejected: str | list[dict]
-    weight: float = 1.0
-    margin: float = 0.0
 
     @property
     def conversational(self) -> bool:
@@ -42,7 +39,16 @@ class Pair:
 
 
 @dataclass
-class Group:
+class Pair(_Prompted):
+    prompt: str | list[dict]
+    chosen: str | list[dict]
+    rejected: str | list[dict]
+    weight: float = 1.0
+    margin: float = 0.0
+
+
+@dataclass
+class Group(_Prompted):
     """One chosen reply against several rejected ones (S-DPO)."""
 
     prompt: str | list[dict]
@@ -51,23 +57,15 @@ class Group:
     weight: float = 1.0
     margin: float = 0.0
 
-    @property
-    def conversational(self) -> bool:
-        return isinstance(self.prompt, list)
-
 
 @dataclass
-class Unpaired:
+class Unpaired(_Prompted):
     """One completion labelled desirable or not (KTO)."""
 
     prompt: str | list[dict]
     completion: str | list[dict]
     label: bool
     weight: float = 1.0
-
-    @property
-    def conversational(self) -> bool:
-        return isinstance(self.prompt, list)
 
 
 def _is_messages(value: Any) -> bool:

@@ -39,8 +39,11 @@ import torch
 
 from .. import tasks
 from ..config import TrainConfig
-from ..data import Example
-from ..demo import FULL as DEMO_FULL, QUICK as DEMO_QUICK, MAX_NEW_TOKENS, pair_logps, warm_up
+from ..data import load_examples
+from ..demo import FULL as DEMO_FULL, QUICK as DEMO_QUICK
+from ..demo import MAX_NEW_TOKENS, malformed_line, sample_stats, warm_up
+from ..families.causal_lm import CausalLMScorer, collate
+from ..recipes.common import write_jsonl
 from ..tiny import build_llama, build_tokenizer, single_thread
 from ..train import train
 from . import update_docs
@@ -114,22 +117,18 @@ def optimal_frontier(rewards: list[float], inverse_betas=None) -> list[dict]:
     return curve
 
 
-def _sequence_logps(model, tokenizer, prompts: list[str], replies: list[str]) -> torch.Tensor:
-    """log π(reply | prompt) per row, summed over the reply's tokens and its EOS, as the loop scores them."""
-    eos = tokenizer.eos_token_id
-    out = []
-    for prompt, reply in zip(prompts, replies):
-        p = tokenizer(prompt)["input_ids"]
-        full = torch.tensor([tokenizer(prompt + reply)["input_ids"] + [eos]])
-        logits = model(input_ids=full).logits[0, :-1]
-        targets = full[0, 1:]
-        out.append(torch.log_softmax(logits.float(), -1).gather(-1, targets[:, None])[len(p) - 1:].sum())
-    return torch.stack(out)
-
-
-def _flat_grad(model, loss: torch.Tensor, retain: bool = False) -> torch.Tensor:
-    params = [q for q in model.parameters() if q.requires_grad]
-    return torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params, retain_graph=retain)])
+def _summed_grads(scorer, examples: list, pad_token_id: int, batch_size: int = 128):
+    """Σ over `examples` of ∇(log π(y_w) − log π(y_l)) and of ∇log π(y_w), flattened, scored by the training
+    scorer (the loop's tokenization and log-probs)."""
+    params = [q for q in scorer.parameters() if q.requires_grad]
+    sums = None
+    for s in range(0, len(examples), batch_size):
+        terms = scorer(collate(examples[s:s + batch_size], pad_token_id))
+        grads = (torch.autograd.grad((terms.chosen - terms.rejected).sum(), params, retain_graph=True),
+                 torch.autograd.grad(terms.chosen.sum(), params))
+        flat = [torch.cat([g.reshape(-1) for g in gs]) for gs in grads]
+        sums = flat if sums is None else [x + y for x, y in zip(sums, flat)]
+    return sums
 
 
 def first_step_alignment(model, tokenizer, rows: list[dict]) -> dict:
@@ -142,25 +141,17 @@ def first_step_alignment(model, tokenizer, rows: list[dict]) -> dict:
     gradient, so its scale (β) drops out. Reported: the cosine of the two gradients and of their first Adam
     steps, beside the cosine of DPO's gradient on one half of the pairs with the other half's (what sampling
     noise alone leaves)."""
-    model.eval()
-    half = len(rows) // 2
-    grads = {}
-    for name, part in (("all", rows), ("a", rows[:half]), ("b", rows[half:])):
-        prompts = [r["prompt"] for r in part]
-        chosen = _sequence_logps(model, tokenizer, prompts, [r["chosen"] for r in part])
-        rejected = _sequence_logps(model, tokenizer, prompts, [r["rejected"] for r in part])
-        grads["dpo", name] = _flat_grad(model, -(chosen - rejected).mean(), retain=name == "all")
-        if name == "all":
-            grads["pft", name] = _flat_grad(model, -chosen.mean())
+    scorer = CausalLMScorer(model).eval()
+    examples = load_examples(rows, tokenizer, None, None)
+    half = len(examples) // 2
+    # Gradients are linear in the examples: the two halves' sums make the whole set's. Cosines and signs do
+    # not depend on the sign or scale of a loss, so sums of ∇log-probs stand for the losses' gradients.
+    dpo_a, pft_a = _summed_grads(scorer, examples[:half], tokenizer.pad_token_id)
+    dpo_b, pft_b = _summed_grads(scorer, examples[half:], tokenizer.pad_token_id)
+    dpo, pft = dpo_a + dpo_b, pft_a + pft_b
     cos = lambda x, y: torch.nn.functional.cosine_similarity(x, y, dim=0).item()  # noqa: E731
-    return {"pairs": len(rows), "grad_cosine": cos(grads["dpo", "all"], grads["pft", "all"]),
-            "adam_step_cosine": cos(grads["dpo", "all"].sign(), grads["pft", "all"].sign()),
-            "dpo_halves_grad_cosine": cos(grads["dpo", "a"], grads["dpo", "b"]),
-            "dpo_halves_adam_step_cosine": cos(grads["dpo", "a"].sign(), grads["dpo", "b"].sign())}
-
-
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return {"pairs": len(rows), "grad_cosine": cos(dpo, pft), "adam_step_cosine": cos(dpo.sign(), pft.sign()),
+            "dpo_halves_grad_cosine": cos(dpo_a, dpo_b), "dpo_halves_adam_step_cosine": cos(dpo_a.sign(), dpo_b.sign())}
 
 
 def _say(t0: float, message: str) -> None:
@@ -206,22 +197,15 @@ def line_setup(out: Path, size: dict, seed: int, data=None) -> Setup:
     warm_up(sft, tokenizer, tasks.sft_rows(train_prompts + heldout_prompts, demo["sft_rows"], seed),
             demo["sft_steps"], demo["sft_lr"], seed=seed)
     return Setup("line", sft, tokenizer, out / "sft", train_prompts, heldout_prompts, tasks.reward, MAX_NEW_TOKENS,
-                 lambda reply: tasks.adjectives_of(reply) is None, description=line_description(demo))
+                 malformed_line, description=line_description(demo))
 
 
 def measure(model, setup: Setup, n: int, seed: int) -> dict:
     """Mean true reward of `n` fresh samples per held-out prompt, KL(π ‖ π_SFT) estimated on them, and the
     share of malformed replies (None where the task has no such notion)."""
-    torch.manual_seed(seed)  # every model compared draws with the same generator state
-    samples = tasks.sample(model, setup.tokenizer, setup.heldout_prompts, n, setup.max_new_tokens,
-                           reward_fn=setup.reward_fn)
-    # Each sample is scored as a "pair" with itself; only the chosen half is read.
-    as_pairs = [Example(x.prompt_ids, x.response_ids, x.response_ids) for x in samples]
-    logp, _ = pair_logps(model, as_pairs, setup.tokenizer.pad_token_id)
-    ref_logp, _ = pair_logps(setup.sft, as_pairs, setup.tokenizer.pad_token_id)
-    bad = None if setup.malformed is None else sum(map(setup.malformed, (x.response for x in samples))) / len(samples)
-    return {"reward": sum(x.reward for x in samples) / len(samples), "kl": (logp - ref_logp).mean().item(),
-            "malformed": bad}
+    stats = sample_stats(model, setup.sft, setup.tokenizer, setup.heldout_prompts, n, seed, setup.max_new_tokens,
+                         setup.reward_fn, setup.malformed)
+    return {"reward": stats["mean_reward"], "kl": stats["kl_to_warmup"], "malformed": stats["malformed"]}
 
 
 def _train_and_measure(run: Run, data: Path, setup: Setup, size: dict, out: Path, seed: int) -> list[dict]:
@@ -285,12 +269,12 @@ def _run(out: Path, size: dict, quick: bool, seed: int, docs_dir, setup_fn, data
                                           size["demo"]["samples_per_prompt"], setup.max_new_tokens,
                                           reward_fn=setup.reward_fn))
     data = {("clean", r): out / "pairs_clean.jsonl" for r in range(max(1, size["replicates"]))}
-    _write_jsonl(data["clean", 0], clean)
+    write_jsonl(clean, data["clean", 0])
     flipped = []
     for r in range(size["replicates"]):
         noisy, flipped = flip_labels(clean, FLIP_FRACTION, seed + r)
         data["noisy", r] = out / f"pairs_noisy_{r}.jsonl"
-        _write_jsonl(data["noisy", r], noisy)
+        write_jsonl(noisy, data["noisy", r])
     _say(t0, f"{len(clean)} pairs sampled from the SFT model and labelled by the true reward" +
          (f"; {len(flipped)} ({FLIP_FRACTION:.0%}) flipped in each of {size['replicates']} noisy copies"
           if size["replicates"] else ""))

@@ -54,6 +54,7 @@ from ..data import load_examples
 from ..demo import pair_logps, warm_up
 from ..objectives import HIERARCHY
 from ..recipes.hierarchy import hierarchy_margins
+from ..recipes.common import write_jsonl
 from ..tiny import build_llama, build_tokenizer, single_thread
 from ..train import train
 from . import write_docs
@@ -230,11 +231,6 @@ def _say(t0: float, message: str) -> None:
     print(f"[hierarchy {time.time() - t0:6.1f}s] {message}", flush=True)
 
 
-def _jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
 def run(out_dir: str | Path = "runs/hierarchy", quick: bool = False, seed: int = 0, docs_dir: str | Path | None = None,
         **overrides) -> dict:
     """Run the experiment (module docstring); writes hierarchy.json to `out_dir` and returns it."""
@@ -281,11 +277,12 @@ def _run(out: Path, size: dict, quick: bool, seed: int) -> dict:
              f"{len(benigns)} benign prompts; "
              f"warm-up adherence {results['models']['warm-up']['adherence']:.1%}")
 
-    data = {None: _jsonl(out / "pairs_dpo.jsonl", pairs)}
+    data = {None: out / "pairs_dpo.jsonl"}
+    write_jsonl(pairs, data[None])
     for method, schedule, scale, steps in _methods(size):
         if schedule is not None:
-            data[(schedule, scale)] = _jsonl(out / f"pairs_gw_{schedule}_{scale:g}.jsonl",
-                                             hierarchy_margins(pairs, schedule, scale).rows)
+            data[(schedule, scale)] = out / f"pairs_gw_{schedule}_{scale:g}.jsonl"
+            write_jsonl(hierarchy_margins(pairs, schedule, scale).rows, data[(schedule, scale)])
         for run_seed in size["seeds"]:
             run_dir = out / "runs" / f"{method.replace(',', '').replace(' ', '_').replace('×', 'x')}_s{run_seed}"
             cfg = TrainConfig(

@@ -49,6 +49,7 @@ from pathlib import Path
 import torch
 
 from ..config import TrainConfig
+from ..recipes.common import write_jsonl
 from ..demo import warm_up
 from ..recipes.injection import ATTACKS, EVAL_INJECTION, TEXT_TEMPLATE, attack_success_rate, eval_items, inject, \
     injection_pairs
@@ -241,12 +242,12 @@ def _run(out: Path, size: dict, quick: bool, seed: int) -> dict:
     rng = random.Random(seed + 1)
     train_rows = [make_row(rng) for _ in range(size["train_rows"])]
     pairs: dict[float, Path] = {}
+    n_pairs: dict[float, int] = {}
     for clean_share in sorted({d[5] for d in size["defences"]}):
         built = injection_pairs(train_rows, attack="mix", fmt="text", seed=seed, clean_share=clean_share)
         pairs[clean_share] = out / f"secalign_pairs_clean{clean_share:g}.jsonl"
-        pairs[clean_share].write_text("".join(json.dumps(r) + "\n" for r in built.rows))
+        n_pairs[clean_share] = write_jsonl(built.rows, pairs[clean_share])
         _say(t0, f"{len(built.rows)} SecAlign pairs, clean share {clean_share:g} ({built.summary()})")
-    n_pairs = {k: sum(1 for _ in p.open()) for k, p in pairs.items()}
     seen = {r["prompt"] for r in warm} | {prompt(r) for r in train_rows}
     clean = heldout_rows(size["eval_rows"], seed + 2, seen)
     attack_rows = heldout_rows(size["eval_rows"] // len(ATTACKS), seed + 3, seen)
