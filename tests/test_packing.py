@@ -51,8 +51,16 @@ def test_layouts_give_the_plain_log_probs(tiny_model_dir, tokenizer, attn):
         assert torch.equal(t.chosen_len, plain.chosen_len) and torch.equal(t.rejected_len, plain.rejected_len)
 
 
+@pytest.fixture(params=["per-block", "one-call"])
+def attention_path(request, monkeypatch):
+    """Block attention's two paths: one call per block (the CPU's) and all blocks gathered into one padded
+    call (the GPU's), the latter forced here so CI, which has no GPU, checks it too."""
+    monkeypatch.setattr(causal_lm, "one_call", lambda query: request.param == "one-call")
+    return request.param
+
+
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_layouts_agree_to_float64_precision(tiny_model_dir, tokenizer, attn):
+def test_layouts_agree_to_float64_precision(tiny_model_dir, tokenizer, attn, attention_path):
     # Weights in float64 (RMSNorm still rounds to float32 inside, so not every digit is float64): a leak
     # across blocks or into chosen moves a sum by far more than 1e-8.
     examples = _examples(tokenizer, seed=1)
@@ -99,7 +107,7 @@ def test_packed_batch_has_no_padding_and_restarting_positions(tokenizer):
         start += P + C + R
 
 
-def test_gradients_match_the_plain_layout(tiny_model_dir, tokenizer):
+def test_gradients_match_the_plain_layout(tiny_model_dir, tokenizer, attention_path):
     examples = _examples(tokenizer, seed=4)
     grads = {}
     for layout in ("plain", "shared+packed"):
@@ -135,7 +143,7 @@ def test_block_attention_is_the_models_own_outside_dpokit_batches(tiny_model_dir
     assert torch.equal(before[0], after[0]) and torch.equal(before[1, :3], after[1, :3])
 
 
-def test_sliding_window_applies_inside_blocks(tokenizer, tmp_path):
+def test_sliding_window_applies_inside_blocks(tokenizer, tmp_path, attention_path):
     from transformers import MistralConfig, MistralForCausalLM
 
     config = MistralConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,

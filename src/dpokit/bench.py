@@ -20,8 +20,13 @@ neighbours, CPU time (best with --threads 1, where no thread spins waiting for a
 measures the work.
 
 Useful work is 8 x parameters x distinct tokens (policy forward + backward = 6, reference
-forward = 2); the fraction of the hardware limit is that over the time, over an fp32
-matmul peak measured on the spot.
+forward = 2); the fraction of the hardware limit is that over the time, over a matmul peak
+measured on the spot (fp32 on the CPU, bf16 on a GPU).
+
+`--device cuda` runs both trainers on the GPU with bf16 mixed precision (fp32 weights, bf16
+autocast: dpokit's default on a GPU, TRL's `bf16=True`) and adds each run's peak GPU memory;
+`--shape qwen2.5-0.5b` gives the model Qwen2.5-0.5B's shape (24 layers, hidden 896, 14 query
+and 2 key-value heads, a tied 151,936-row embedding), still with random weights.
 """
 
 from __future__ import annotations
@@ -55,8 +60,20 @@ class Settings:
     intermediate_size: int = 688
     num_layers: int = 4
     num_heads: int = 4
+    num_kv_heads: int | None = None  # None: as many as query heads
+    model_vocab: int | None = None  # embedding rows, >= the tokenizer's (a real model's LM-head cost)
+    tie_word_embeddings: bool = False
     seed: int = 0
     threads: int | None = None  # torch intra-op threads in each run; None: torch's default
+    device: str = "cpu"  # cpu: fp32; cuda: bf16 mixed precision for both trainers
+
+
+# Model shapes for --shape; every one is built with random weights.
+SHAPES = {
+    "tiny": dict(hidden_size=256, intermediate_size=688, num_layers=4, num_heads=4),
+    "qwen2.5-0.5b": dict(hidden_size=896, intermediate_size=4864, num_layers=24, num_heads=14, num_kv_heads=2,
+                         model_vocab=151936, tie_word_embeddings=True),
+}
 
 
 # ---------------------------------------------------------------- data and model
@@ -166,7 +183,8 @@ def prepare(workdir: Path, s: Settings, data: Path | None, prompt_tokens: int | 
     max_pos = max(p + max(c, r) for p, c, r in lens) + 8
     model = build_llama(tokenizer, hidden_size=s.hidden_size, num_layers=s.num_layers, num_heads=s.num_heads,
                         intermediate_size=s.intermediate_size, max_position_embeddings=max(2048, max_pos),
-                        seed=s.seed)
+                        seed=s.seed, num_kv_heads=s.num_kv_heads, vocab_size=s.model_vocab,
+                        tie_word_embeddings=s.tie_word_embeddings)
     model.save_pretrained(workdir / "model")
     tokenizer.save_pretrained(workdir / "model")
     pairs = workdir / "pairs.jsonl"
@@ -190,8 +208,20 @@ def prepare(workdir: Path, s: Settings, data: Path | None, prompt_tokens: int | 
 
 
 def _usage() -> dict:
+    import torch
+
     u = resource.getrusage(resource.RUSAGE_SELF)
-    return {"peak_rss_mb": u.ru_maxrss / 1024, "cpu_s": u.ru_utime + u.ru_stime}  # Linux reports KiB
+    out = {"peak_rss_mb": u.ru_maxrss / 1024, "cpu_s": u.ru_utime + u.ru_stime}  # Linux reports KiB
+    if torch.cuda.is_available():
+        out["gpu_peak_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
+    return out
+
+
+def _sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()  # GPU work is asynchronous: a clock read must wait for it
 
 
 def _work_dpokit(workdir: Path, s: Settings, overrides: dict) -> dict:
@@ -204,7 +234,7 @@ def _work_dpokit(workdir: Path, s: Settings, overrides: dict) -> dict:
     cfg = TrainConfig(
         model=str(workdir / "model"), train_data=str(workdir / "pairs.jsonl"),
         per_device_train_batch_size=s.batch_size, max_length=s.max_length, max_prompt_length=None,
-        learning_rate=s.learning_rate, num_train_epochs=1, dtype="float32", bf16=False, seed=s.seed,
+        learning_rate=s.learning_rate, num_train_epochs=1, dtype="float32", bf16=s.device == "cuda", seed=s.seed,
         output_dir=str(run_dir / "out"), ref_cache_dir=str(run_dir / "cache"), disable_tqdm=True,
         logging_steps=10, save_steps=0, **overrides,
     )
@@ -215,6 +245,7 @@ def _work_dpokit(workdir: Path, s: Settings, overrides: dict) -> dict:
         nonlocal ref_seconds, ref_cpu
         t, c = time.perf_counter(), time.process_time()
         out = precompute(*a, **k)
+        _sync()
         ref_seconds += time.perf_counter() - t
         ref_cpu += time.process_time() - c
         return out
@@ -224,6 +255,7 @@ def _work_dpokit(workdir: Path, s: Settings, overrides: dict) -> dict:
     loop = train_mod.Loop(cfg)
     t1, c1 = time.perf_counter(), time.process_time()
     loop.run()
+    _sync()
     t2, c2 = time.perf_counter(), time.process_time()
     return {"setup_s": t1 - t0 - ref_seconds, "ref_s": ref_seconds, "seconds": ref_seconds + t2 - t1,
             "wall_s": t2 - t0, "train_cpu_s": ref_cpu + c2 - c1}
@@ -242,13 +274,15 @@ def _work_trl(workdir: Path, s: Settings, overrides: dict) -> dict:
                            cache_dir=str(run_dir / "hf"))
     args = DPOConfig(
         output_dir=str(run_dir / "out"), per_device_train_batch_size=s.batch_size, max_length=s.max_length,
-        learning_rate=s.learning_rate, num_train_epochs=1, bf16=False, fp16=False, use_cpu=True, seed=s.seed,
+        learning_rate=s.learning_rate, num_train_epochs=1, bf16=s.device == "cuda", fp16=False,
+        use_cpu=s.device == "cpu", seed=s.seed,
         report_to="none", save_strategy="no", logging_steps=10, disable_tqdm=True, dataloader_num_workers=0,
         **overrides,
     )
     trainer = DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
     t1, c1 = time.perf_counter(), time.process_time()
     trainer.train()
+    _sync()
     t2, c2 = time.perf_counter(), time.process_time()
     return {"setup_s": t1 - t0, "ref_s": None, "seconds": t2 - t1, "wall_s": t2 - t0, "train_cpu_s": c2 - c1}
 
@@ -273,8 +307,10 @@ def worker(kind: str, workdir: str, settings: dict, overrides: dict) -> None:
 def _spawn(kind: str, workdir: Path, s: Settings, overrides: dict) -> dict:
     code = ("import json, sys; from dpokit.bench import worker; "
             "worker(sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), json.loads(sys.argv[4]))")
+    # A CPU run on a GPU machine must not find the GPU: accelerate would take it.
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""} if s.device == "cpu" else None
     proc = subprocess.run([sys.executable, "-c", code, kind, str(workdir), json.dumps(s.__dict__),
-                           json.dumps(overrides)], capture_output=True, text=True)
+                           json.dumps(overrides)], capture_output=True, text=True, env=env)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH ")]
     if proc.returncode != 0 or not lines:
         from .errors import DpokitError
@@ -286,19 +322,22 @@ def _spawn(kind: str, workdir: Path, s: Settings, overrides: dict) -> dict:
 # ---------------------------------------------------------------- the hardware limit
 
 
-def matmul_peak_gflops(n: int = 1024, seconds: float = 1.0) -> float:
-    """Best fp32 GFLOP/s of an n x n matmul on this machine, with torch's thread count."""
+def matmul_peak_gflops(device: str = "cpu", seconds: float = 1.0) -> float:
+    """Best GFLOP/s of a square matmul: fp32 1024 x 1024 on the CPU (torch's thread count), bf16 8192 on a GPU."""
     import torch
 
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    n, dtype = (1024, torch.float32) if device == "cpu" else (8192, torch.bfloat16)
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(3):
         a @ b
+    _sync()
     best = 0.0
     end = time.perf_counter() + seconds
     while time.perf_counter() < end:
         t = time.perf_counter()
         for _ in range(4):
             a @ b
+        _sync()
         best = max(best, 4 * 2 * n ** 3 / (time.perf_counter() - t) / 1e9)
     return best
 
@@ -317,6 +356,7 @@ def _summary(runs: list[dict], info: dict, peak: float) -> dict:
         "tokens_per_s": info["distinct_tokens"] / med,
         "cpu_s": statistics.median(r["train_cpu_s"] for r in runs),
         "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
+        "gpu_peak_mb": max(r.get("gpu_peak_mb", 0.0) for r in runs) or None,
         "setup_s": statistics.median(r["setup_s"] for r in runs),
         "ref_s": statistics.median(r["ref_s"] for r in runs) if runs[0]["ref_s"] is not None else None,
         "hw_fraction": useful / med / (peak * 1e9),
@@ -338,7 +378,8 @@ def compare(s: Settings, repeats: int, data: Path | None, prompt_tokens: int | N
         say(f"data: {info['data']}, {info['pairs']} pairs, mean prompt {info['mean_prompt']:.0f} / chosen "
             f"{info['mean_chosen']:.0f} / rejected {info['mean_rejected']:.0f} tokens "
             f"({info['distinct_tokens']} distinct); model {info['params'] / 1e6:.2f}M parameters; "
-            f"batch {s.batch_size}, max_length {s.max_length}, lr {s.learning_rate}, fp32, one epoch")
+            f"batch {s.batch_size}, max_length {s.max_length}, lr {s.learning_rate}, "
+            f"{'bf16 mixed precision on the GPU' if s.device == 'cuda' else 'fp32'}, one epoch")
         runs: dict[str, list] = {"dpokit": [], "trl": []}
         for i in range(repeats):
             for kind in (("dpokit", "trl") if i % 2 == 0 else ("trl", "dpokit")):
@@ -347,10 +388,11 @@ def compare(s: Settings, repeats: int, data: Path | None, prompt_tokens: int | N
                 runs[kind].append(r)
                 # The peak is measured again after every run and the best kept: on a shared machine one
                 # measurement can catch a busy moment and flatter the fractions.
-                peak = max(peak or 0.0, matmul_peak_gflops())
+                peak = max(peak or 0.0, matmul_peak_gflops(s.device))
                 ref = f", reference {r['ref_s']:.1f} s" if r["ref_s"] is not None else ""
+                gpu = f", peak GPU memory {r['gpu_peak_mb']:.0f} MB" if r.get("gpu_peak_mb") else ""
                 say(f"  run {i + 1}/{repeats} {kind:6s} {r['seconds']:7.1f} s{ref} ({info['pairs'] / r['seconds']:.2f} "
-                    f"pairs/s, {r['train_cpu_s']:.0f} CPU s, peak RSS {r['peak_rss_mb']:.0f} MB; load {r['load']})")
+                    f"pairs/s, {r['train_cpu_s']:.0f} CPU s, peak RSS {r['peak_rss_mb']:.0f} MB{gpu}; load {r['load']})")
         out = {"info": info, "settings": s.__dict__, "peak_gflops": peak,
                **{k: _summary(v, info, peak) for k, v in runs.items()}}
         out["ratio"] = out["dpokit"]["pairs_per_s"] / out["trl"]["pairs_per_s"]
@@ -358,15 +400,17 @@ def compare(s: Settings, repeats: int, data: Path | None, prompt_tokens: int | N
 
 
 def format_table(result: dict) -> str:
+    gpu = result["trl"].get("gpu_peak_mb") is not None
     lines = ["| trainer | pairs/s median (min - max) | tokens/s | seconds | CPU seconds | peak RSS | "
-             "of matmul peak |", "|---|---|---|---|---|---|---|"]
+             + ("peak GPU memory | " if gpu else "") + "of matmul peak |", "|---|---|---|---|---|---|---|" + "---|" * gpu]
     for kind in ("trl", "dpokit"):
         r = result[kind]
         lines.append(f"| {kind} | {r['pairs_per_s']:.2f} ({r['pairs_per_s_min']:.2f} - {r['pairs_per_s_max']:.2f}) | "
                      f"{r['tokens_per_s']:.0f} | {r['seconds']:.1f} | {r['cpu_s']:.1f} | {r['peak_rss_mb']:.0f} MB | "
-                     f"{100 * r['hw_fraction']:.1f}% |")
+                     + (f"{r['gpu_peak_mb']:.0f} MB | " if gpu else "") + f"{100 * r['hw_fraction']:.1f}% |")
     cpu_ratio = result["trl"]["cpu_s"] / result["dpokit"]["cpu_s"]
-    lines.append(f"\ndpokit / TRL: {result['ratio']:.2f}x pairs/s ({cpu_ratio:.2f}x less CPU time); fp32 matmul peak "
+    kind = "bf16 GPU" if result["settings"]["device"] == "cuda" else "fp32"
+    lines.append(f"\ndpokit / TRL: {result['ratio']:.2f}x pairs/s ({cpu_ratio:.2f}x less CPU time); {kind} matmul peak "
                  f"measured {result['peak_gflops']:.0f} GFLOP/s")
     return "\n".join(lines)
 
@@ -398,14 +442,20 @@ def _overrides(items: list[str] | None) -> dict:
 def run_bench(args) -> None:
     import torch
 
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        from .errors import DpokitError
+        raise DpokitError("--device cuda: torch sees no CUDA device")
     s = Settings(pairs=args.pairs, batch_size=args.batch_size, max_length=args.max_length,
-                 learning_rate=args.learning_rate, threads=args.threads)
+                 learning_rate=args.learning_rate, threads=args.threads, device=device, **SHAPES[args.shape])
     if args.threads:
         torch.set_num_threads(args.threads)
     data = None if args.synthetic else _find_data(args.data)
-    peak = matmul_peak_gflops()
-    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, fp32 matmul "
-          f"peak {peak:.0f} GFLOP/s, load average {_load()}", flush=True)
+    peak = matmul_peak_gflops(device)
+    where = torch.cuda.get_device_name() if device == "cuda" else f"{os.cpu_count()} CPUs"
+    print(f"torch {torch.__version__}, {where}, torch threads {torch.get_num_threads()}, "
+          f"{'bf16' if device == 'cuda' else 'fp32'} matmul peak {peak:.0f} GFLOP/s, load average {_load()}",
+          flush=True)
     say = lambda m: print(m, flush=True)  # noqa: E731
     ours, theirs = _overrides(args.dpokit_set), _overrides(args.trl_set)
     results = {}
@@ -445,6 +495,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sweep-repeats", type=int, default=1)
     p.add_argument("--main", action="store_true", help="with --prompt-lengths, run the main comparison too")
     p.add_argument("--threads", type=int, default=None, help="torch threads in every run (default: torch's own)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto: the GPU when torch sees one (bf16 mixed precision), else the CPU (fp32)")
+    p.add_argument("--shape", choices=sorted(SHAPES), default="tiny",
+                   help="model shape, random weights (tiny: 7.3M parameters; qwen2.5-0.5b: 494M)")
     p.add_argument("--dpokit-set", action="append", metavar="KEY=VALUE", help="a dpokit config override")
     p.add_argument("--trl-set", action="append", metavar="KEY=VALUE",
                    help="a DPOConfig override, e.g. gradient_checkpointing=false")

@@ -32,13 +32,16 @@ def build_tokenizer(texts: Iterable[str], vocab_size: int = 1000):
 
 def build_llama(tokenizer, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4,
                 intermediate_size: int | None = None, max_position_embeddings: int = 2048, seed: int = 0,
-                attn_implementation: str = "sdpa", tie_word_embeddings: bool = False):
+                attn_implementation: str = "sdpa", tie_word_embeddings: bool = False,
+                num_kv_heads: int | None = None, vocab_size: int | None = None):
+    """A randomly initialised Llama; `vocab_size` (at least the tokenizer's) gives a real model's LM-head cost."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate_size or 4 * hidden_size,
-        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_heads,
+        vocab_size=max(vocab_size or 0, len(tokenizer)), hidden_size=hidden_size,
+        intermediate_size=intermediate_size or 4 * hidden_size, num_hidden_layers=num_layers,
+        num_attention_heads=num_heads, num_key_value_heads=num_kv_heads or num_heads,
         max_position_embeddings=max_position_embeddings, pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
         tie_word_embeddings=tie_word_embeddings, attn_implementation=attn_implementation,

@@ -209,6 +209,13 @@ def _block_mask(block_id: torch.Tensor, part: torch.Tensor, attn_implementation:
 # the model's own sdpa or eager attention once per block with that block's small mask, so
 # the linear layers see one unpadded row and attention never looks across blocks. Without
 # blocks (generation, plain padded batches) it is exactly the model's own attention.
+#
+# On a GPU the same blocks are gathered into one padded [blocks, heads, L, L] call per layer
+# instead: there a small model is bound by kernel launches, not FLOPs, and one call per block
+# per layer cost more than the padding does. cuDNN's attention is left out there, because it
+# builds a new execution plan for every new sequence length (measured on an H100: ~75 ms per
+# new length, which made a 0.5B model's step 6x slower); the memory-efficient kernel takes
+# the boolean mask with no per-shape setup.
 
 BLOCK_ATTENTION_INNER = ("sdpa", "eager")
 
@@ -224,13 +231,41 @@ def _inner_attention(module: nn.Module, inner: str):
     return ALL_ATTENTION_FUNCTIONS[inner]
 
 
+def _window_mask(mask: torch.Tensor, positions: torch.Tensor, window: int) -> torch.Tensor:
+    near = (positions[..., :, None] - positions[..., None, :]) < window
+    return mask & near if mask.dtype == torch.bool else mask.masked_fill(~near, torch.finfo(mask.dtype).min)
+
+
+def one_call(query: torch.Tensor) -> bool:
+    """Whether the blocks go through one gathered call (GPU) rather than one call each (CPU)."""
+    return query.is_cuda
+
+
+def _gathered_attention(fn, inner, module, query, key, value, attention_mask, blocks, window, kwargs):
+    """All blocks in one padded call: [1, heads, N, d] → [blocks, heads, L, d] and back to [1, N, heads, d]."""
+    lengths, positions, gather, valid = blocks
+    mask = attention_mask if window is None else _window_mask(attention_mask, positions[:, None], window)
+    q, k, v = (t[0][:, gather].transpose(0, 1) for t in (query, key, value))
+    if query.is_cuda and inner == "sdpa":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+            out, _ = fn(module, q, k, v, mask, **kwargs)
+    else:
+        out, _ = fn(module, q, k, v, mask, **kwargs)
+    return out.flatten(0, 1).index_select(0, valid)[None], None
+
+
 def _block_attention(inner: str):
     def attention(module, query, key, value, attention_mask, dpokit_blocks=None, **kwargs):
         fn = _inner_attention(module, inner)
         if dpokit_blocks is None:
             return fn(module, query, key, value, attention_mask, **kwargs)
-        lengths, positions = dpokit_blocks
         window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))  # Mistral, Gemma, ...
+        if one_call(query):
+            return _gathered_attention(fn, inner, module, query, key, value, attention_mask, dpokit_blocks, window,
+                                       kwargs)
+        lengths, positions = dpokit_blocks[:2]
         # split, not slicing: its backward is one concatenation, where each slice's would be a zeroed full-size
         # gradient (per block, per tensor, per layer) summed afterwards.
         pieces = zip(query.split(lengths, dim=2), key.split(lengths, dim=2), value.split(lengths, dim=2))
@@ -239,9 +274,7 @@ def _block_attention(inner: str):
             n = lengths[b]
             mask = attention_mask[b:b + 1, :, :n, :n]
             if window is not None and n > window:
-                pos = positions[b, :n]
-                near = (pos[:, None] - pos[None, :]) < window
-                mask = mask & near if mask.dtype == torch.bool else mask.masked_fill(~near, torch.finfo(mask.dtype).min)
+                mask = _window_mask(mask, positions[b, :n], window)
             out, _ = fn(module, q, k, v, mask, **kwargs)
             outs.append(out)
         return torch.cat(outs, dim=1), None
@@ -268,11 +301,13 @@ def use_block_attention(model: nn.Module) -> bool:
 
 
 def _blocks_kwargs(batch: dict[str, torch.Tensor], dtype: torch.dtype, inner: str):
-    """The per-block masks (stacked, padded to the longest block) and the blocks' lengths and positions."""
+    """The per-block masks (stacked, padded to the longest block rounded up to 16), the blocks' lengths and
+    positions, and for the one-call GPU path the packed index of each padded slot and the padded slots that
+    are real tokens."""
     sizes = batch["block_sizes"]  # [blocks, parts]: prompt, chosen, rejected_1, … lengths
     ends = sizes.cumsum(1)
     lengths = ends[:, -1]
-    L = int(lengths.max())
+    L = -(-int(lengths.max()) // 16) * 16  # fewer distinct shapes, and a mask the fused kernels accept unpadded
     idx = torch.arange(L, device=sizes.device)[None, :]
     # the part each token lies in (an empty part is skipped; padding past the block gets the last part)
     part = (idx[:, :, None] >= ends[:, None, :-1]).sum(-1)
@@ -283,7 +318,9 @@ def _blocks_kwargs(batch: dict[str, torch.Tensor], dtype: torch.dtype, inner: st
     mask = allowed[:, None]
     if inner == "eager":
         mask = torch.zeros(mask.shape, dtype=dtype, device=sizes.device).masked_fill_(~mask, torch.finfo(dtype).min)
-    return mask, (lengths.tolist(), positions)
+    real = idx < lengths[:, None]
+    gather = torch.where(real, (lengths.cumsum(0) - lengths)[:, None] + idx, 0)
+    return mask, (lengths.tolist(), positions, gather, real.flatten().nonzero().squeeze(1))
 
 
 def _row_mask(sizes: torch.Tensor, attn_implementation: str) -> torch.Tensor:
