@@ -235,6 +235,16 @@ def _mean_logps(model_dir, loop, examples):
         return loop.family.scorer(model, loop.cfg)(batch).chosen.mean().item()
 
 
+def test_runs_of_other_precisions_in_one_process(tiny_model_dir, pairs16, tmp_path):
+    # accelerate keeps its state process-wide; a bf16 run must neither block a later fp32 run nor leak into it.
+    before = train(_cfg(tmp_path, tiny_model_dir, pairs16, "fp32-a", max_steps=2, bf16=False)).history
+    bf16 = Loop(_cfg(tmp_path, tiny_model_dir, pairs16, "bf16", max_steps=1, bf16=True))
+    assert bf16.acc.mixed_precision == "bf16"
+    after = Loop(_cfg(tmp_path, tiny_model_dir, pairs16, "fp32-b", max_steps=2, bf16=False))
+    assert after.acc.mixed_precision == "no"
+    assert_same_rows(before, after.run().history)
+
+
 def test_separate_ref_model(tiny_model_dir, tiny_ref_dir, pairs_file, tmp_path):
     cfg = _cfg(tmp_path, tiny_model_dir, pairs_file, max_steps=1, per_device_train_batch_size=8,
                ref_model=str(tiny_ref_dir), learning_rate=0.0)

@@ -70,8 +70,14 @@ def _accelerator(cfg: TrainConfig):
             fsdp_plugin = FullyShardedDataParallelPlugin()
         except RuntimeError:
             raise DpokitError("FSDP on CPU needs fsdp_version: 2 (accelerate's FSDP1 wants a GPU)") from None
+    precision = "bf16" if bf16 else "no"
+    state = AcceleratorState._shared_state
+    if state and not several and not deepspeed and state.get("_mixed_precision") != precision:
+        # A second run in one process (a notebook, a sweep) with another precision: accelerate keeps its state
+        # process-wide and refuses the change with a traceback; one process has nothing else to keep in it.
+        AcceleratorState._reset_state()
     acc = Accelerator(
-        cpu=cpu, mixed_precision="bf16" if bf16 else "no", fsdp_plugin=fsdp_plugin, kwargs_handlers=handlers,
+        cpu=cpu, mixed_precision=precision, fsdp_plugin=fsdp_plugin, kwargs_handlers=handlers,
         # DeepSpeed steps its own engine at the accumulation boundary; it must know the count.
         gradient_accumulation_steps=cfg.gradient_accumulation_steps if deepspeed else 1,
     )
