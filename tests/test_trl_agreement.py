@@ -152,7 +152,9 @@ def test_first_step_matches_trl(layout, loss, speed, trl_runs, tiny_model_dir, t
     theirs = trl_runs(layout, loss)
     loss_type, ls = LOSSES[loss]
     ours = dpokit_first_step(make_rows(layout), tiny_model_dir, tiny_ref_dir, loss_type, ls, speed, tmp_path)
-    assert_close(ours, theirs, ("logps/chosen", "logps/rejected", "loss", "grad_norm"))
+    # logits/*: the mean logit over every completion token of the batch (token-weighted, as TRL logs it)
+    assert_close(ours, theirs, ("logps/chosen", "logps/rejected", "loss", "grad_norm", "logits/chosen",
+                                "logits/rejected"))
     assert_rewards_close(ours, theirs)
 
 

@@ -431,13 +431,16 @@ def objective(terms: Terms, weight: torch.Tensor, loss_types: list[str], loss_we
 
 
 def logit_metrics(terms: Terms, chosen_logits: torch.Tensor | None,
-                  rejected_logits: torch.Tensor | None) -> dict[str, torch.Tensor]:
-    """TRL's `logits/chosen` and `logits/rejected` (each completion's mean logit) for the kind of data:
-    desirable and undesirable completions when unpaired, every rejected reply of a group."""
+                  rejected_logits: torch.Tensor | None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """TRL's `logits/chosen` and `logits/rejected`: the mean logit over every completion token, so each
+    completion's mean logit comes with its token count as weight. Desirable and undesirable completions
+    when unpaired, every rejected reply of a group."""
     if chosen_logits is None:
         return {}
+    c, r = (chosen_logits, terms.chosen_len), (rejected_logits, terms.rejected_len)
     if terms.kind == "unpaired":
-        return {"logits/chosen": chosen_logits[terms.label], "logits/rejected": chosen_logits[~terms.label]}
+        good = terms.label
+        return {"logits/chosen": (c[0][good], c[1][good]), "logits/rejected": (c[0][~good], c[1][~good])}
     if terms.kind == "groups":
-        return {"logits/chosen": chosen_logits, "logits/rejected": rejected_logits[terms.slots]}
-    return {"logits/chosen": chosen_logits, "logits/rejected": rejected_logits}
+        return {"logits/chosen": c, "logits/rejected": (r[0][terms.slots], r[1][terms.slots])}
+    return {"logits/chosen": c, "logits/rejected": r}

@@ -113,9 +113,12 @@ class _Means:
         self.device = device
         self.sums = {k: torch.tensor(v, dtype=torch.float64, device=device) for k, v in (saved or {}).items()}
 
-    def add(self, name: str, values: torch.Tensor, counted: bool = True) -> None:
+    def add(self, name: str, values: torch.Tensor | tuple[torch.Tensor, torch.Tensor], counted: bool = True) -> None:
+        """`values` per example, or (values, weights) for a weighted mean (logits/* weigh by tokens)."""
+        values, weights = values if isinstance(values, tuple) else (values, None)
         values = values.detach().reshape(-1).to(self.device, torch.float64)
-        entry = torch.stack([values.sum(), torch.tensor(float(values.numel()), dtype=torch.float64, device=self.device)])
+        weights = torch.ones_like(values) if weights is None else weights.detach().reshape(-1).to(values)
+        entry = torch.stack([(values * weights).sum(), weights.sum()])
         entry = entry if counted else torch.zeros_like(entry)  # a rank with no pair this round still adds the key
         self.sums[name] = self.sums[name] + entry if name in self.sums else entry
 
