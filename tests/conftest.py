@@ -1,7 +1,6 @@
 """Shared fixtures: a tokenizer trained on the spot and tiny Llama models saved to disk."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,6 +20,18 @@ ROWS = [
     {"prompt": "How are you?", "chosen": " Fine, thanks for asking.", "rejected": " Why do you care?"},
 ]
 
+# For the TRL comparisons: (question, chosen reply, rejected reply), the replies differing from their first
+# character, since TRL takes the longest common character prefix of an implicit-prompt pair as the prompt.
+QA = [
+    ("What is 2+2?", "It is 4.", "Five, I think."),
+    ("Name a color.", "Blue is one.", "Seven."),
+    ("Say hello politely.", "Hello, nice to meet you.", "Go away."),
+    ("What is the capital of France?", "Paris.", "London, surely."),
+    ("Is water wet?", "Yes, by most definitions.", "No."),
+    ("Count to three.", "One, two, three.", "Three, two, one."),
+    ("Give me a fruit.", "An apple.", "Chair."),
+    ("How are you?", "Fine, thanks for asking.", "Why do you care?"),
+]
 
 def _corpus():
     texts = []

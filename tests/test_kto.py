@@ -16,16 +16,8 @@ from dpokit.data import load_examples
 from dpokit.errors import DataError, DpokitError
 from dpokit.objectives import ObjectiveConfig, Terms, objective
 
-QA = [  # as in test_trl_agreement: replies differ at their first character
-    ("What is 2+2?", "It is 4.", "Five, I think."),
-    ("Name a color.", "Blue is one.", "Seven."),
-    ("Say hello politely.", "Hello, nice to meet you.", "Go away."),
-    ("What is the capital of France?", "Paris.", "London, surely."),
-    ("Is water wet?", "Yes, by most definitions.", "No."),
-    ("Count to three.", "One, two, three.", "Three, two, one."),
-    ("Give me a fruit.", "An apple.", "Chair."),
-    ("How are you?", "Fine, thanks for asking.", "Why do you care?"),
-]
+from conftest import QA
+
 # one row per question, every third undesirable: uneven classes, so the two weights matter differently
 ROWS = [{"prompt": q, "completion": " " + (good if i % 3 else bad), "label": bool(i % 3)} for i, (q, good, bad) in
         enumerate(QA)]

@@ -10,7 +10,7 @@ import torch
 
 from dpokit.config import load_config
 from dpokit.families.causal_lm import CausalLMFamily, CausalLMScorer
-from dpokit.tiny import build_llama, build_tokenizer
+from dpokit.tiny import build_tokenizer
 from dpokit.train import Loop
 
 from conftest import ROWS, _corpus

@@ -23,18 +23,10 @@ from trl import DPOConfig, DPOTrainer  # a test extra, imported plainly: a missi
 
 import dpokit
 
+from conftest import QA
+
 BETA = 2.0  # large enough that z = beta·(margin of log-ratios) is of order 1, so every loss feels it
 HISTORY = [("hello there", "hi, how can I help?")]  # an earlier exchange, in every other dialogue
-QA = [  # (question, chosen reply, rejected reply); the replies differ at their first character
-    ("What is 2+2?", "It is 4.", "Five, I think."),
-    ("Name a color.", "Blue is one.", "Seven."),
-    ("Say hello politely.", "Hello, nice to meet you.", "Go away."),
-    ("What is the capital of France?", "Paris.", "London, surely."),
-    ("Is water wet?", "Yes, by most definitions.", "No."),
-    ("Count to three.", "One, two, three.", "Three, two, one."),
-    ("Give me a fruit.", "An apple.", "Chair."),
-    ("How are you?", "Fine, thanks for asking.", "Why do you care?"),
-]
 
 
 def _turns(i: int, question: str) -> list[tuple[str, str]]:
