@@ -119,3 +119,22 @@ def test_quick_run_learns_the_hierarchy(tmp_path):
     for method in ("DPO", "GW-DPO linear ×1", "GW-DPO bilateral ×1"):
         assert table[method]["adherence"] > table["warm-up"]["adherence"] + 0.05
     assert (tmp_path / "hierarchy.json").exists()
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("overrides, want", [({}, "sigmoid"), ({"loss_type": "ipo"}, "ipo")])
+def test_runs_train_with_the_sizes_loss_type_sigmoid_by_default(tmp_path, monkeypatch, overrides, want):
+    seen = []
+
+    def fake_train(cfg):
+        seen.append(cfg)
+        raise _Stop
+
+    monkeypatch.setattr(hy, "train", fake_train)
+    with pytest.raises(_Stop):
+        hy.run(tmp_path, quick=True, warmup_rows=200, warmup_steps=2, pairs=20, benign_pairs=5, eval_per_pair=1,
+               eval_benign=8, **overrides)
+    assert [cfg.loss_types for cfg in seen] == [[want]]

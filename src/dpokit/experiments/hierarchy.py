@@ -22,7 +22,8 @@ Steps:
    benign pairs (`benign_pairs`): chosen = the asked word, rejected = the refusal or another word,
    both levels the prompt's top source (no gap: GW-DPO's margin is 0 there), for every method alike;
 4. the same pairs, the same β, learning rate, steps and seed, trained with `dpokit.train` (sigmoid
-   loss, warm-up model as reference): plain DPO (no margin) and GW-DPO, whose per-pair margin comes
+   loss unless the size's `loss_type` says otherwise, e.g. "ipo", whose margin shifts its target;
+   warm-up model as reference): plain DPO (no margin) and GW-DPO, whose per-pair margin comes
    from the hierarchy recipe (`hierarchy_margins`, i.e. `objectives.gw_margin`) under the linear and
    the bilateral schedule, at each margin scale asked for; and, as a control, plain DPO trained for
    `control_steps`. Every method gets the same NLL term on the chosen reply (`rpo_alpha`): without
@@ -288,8 +289,8 @@ def _run(out: Path, size: dict, quick: bool, seed: int) -> dict:
             cfg = TrainConfig(
                 model=str(warm_dir), ref_model=str(warm_dir),
                 train_data=str(data[(schedule, scale) if schedule else None]),
-                output_dir=str(run_dir), loss_type="sigmoid", beta=size["beta"], rpo_alpha=size["rpo_alpha"],
-                learning_rate=size["dpo_lr"],
+                output_dir=str(run_dir), loss_type=size.get("loss_type", "sigmoid"), beta=size["beta"],
+                rpo_alpha=size["rpo_alpha"], learning_rate=size["dpo_lr"],
                 lr_scheduler_type="constant_with_warmup", warmup_steps=5, max_steps=steps,
                 per_device_train_batch_size=32, max_length=64, max_prompt_length=48, logging_steps=10,
                 save_steps=10 ** 6, report_to=["jsonl"], disable_tqdm=True, seed=seed + run_seed,
@@ -383,10 +384,10 @@ def markdown_section(results: dict) -> str:
         "word, half each; both levels the prompt's top source, so no gap and GW-DPO margin 0), shuffled together, "
         "train plain DPO and GW-DPO with the same "
         f"β = {s['beta']}, learning rate {s['dpo_lr']:g}, {s['dpo_steps']} steps of 32 pairs and seeds "
-        f"(`dpokit.train`, sigmoid loss, the warm-up model as reference, and for every method the NLL of the "
-        f"chosen reply with weight rpo_alpha = {s['rpo_alpha']}); GW-DPO's per-pair margin comes from the "
-        "`hierarchy` recipe (`objectives.gw_margin`): linear m = scale·gap, bilateral m = scale·gap·p/5 "
-        "(p the privileged level, gap = p − conflicting level), at scales "
+        f"(`dpokit.train`, {s.get('loss_type', 'sigmoid')} loss, the warm-up model as reference, and for every "
+        f"method the NLL of the chosen reply with weight rpo_alpha = {s['rpo_alpha']}); GW-DPO's per-pair margin "
+        "comes from the `hierarchy` recipe (`objectives.gw_margin`): linear m = scale·gap, bilateral "
+        "m = scale·gap·p/5 (p the privileged level, gap = p − conflicting level), at scales "
         f"{', '.join(f'{x:g}' for x in s['scales'])}. "
         + (f"Control: plain DPO trained for {', '.join(str(n) for n in s['control_steps'])} steps — GW-DPO's "
            "margins make every conflict pair's loss larger, and so does training longer. "
