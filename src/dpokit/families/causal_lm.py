@@ -211,11 +211,11 @@ def _block_mask(block_id: torch.Tensor, part: torch.Tensor, attn_implementation:
 # blocks (generation, plain padded batches) it is exactly the model's own attention.
 #
 # On a GPU the same blocks are gathered into one padded [blocks, heads, L, L] call per layer
-# instead: there a small model is bound by kernel launches, not FLOPs, and one call per block
-# per layer cost more than the padding does. cuDNN's attention is left out there, because it
-# builds a new execution plan for every new sequence length (measured on an H100: ~75 ms per
-# new length, which made a 0.5B model's step 6x slower); the memory-efficient kernel takes
-# the boolean mask with no per-shape setup.
+# instead: there a model of this size is bound by kernel launches rather than FLOPs, so the
+# padding costs less than the extra calls would (the two were not timed apart). cuDNN's
+# attention is left out there, because it builds a new execution plan for every new sequence
+# length (~75 ms each on an H100: with one call per block, dpokit trained a 0.5B model 6x
+# slower than now); the memory-efficient kernel takes the boolean mask with no per-shape setup.
 
 BLOCK_ATTENTION_INNER = ("sdpa", "eager")
 
