@@ -36,3 +36,28 @@ def test_bench_runs_both_trainers_and_reports(tmp_path, capsys):
         useful = 8 * main_run["info"]["params"] * run["tokens_per_s"]
         assert run["hw_fraction"] == pytest.approx(useful / (main_run["peak_gflops"] * 1e9)) and run["hw_fraction"] > 0
     assert main_run["dpokit"]["ref_s"] > 0  # the reference pass is part of dpokit's timed epoch
+
+
+def test_shape_settings_reach_the_saved_model(tmp_path):
+    # --shape qwen2.5-0.5b is these same keys at full size: grouped KV heads, an embedding larger than the
+    # tokenizer (a real model's LM-head cost) and tied input/output embeddings.
+    s = Settings(pairs=8, vocab_size=500, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=4,
+                 num_kv_heads=2, model_vocab=1000, tie_word_embeddings=True)
+    info = prepare(tmp_path, s, None, 32)
+    config = json.loads((tmp_path / "model" / "config.json").read_text())
+    assert config["num_key_value_heads"] == 2 and config["vocab_size"] == 1000 and config["tie_word_embeddings"]
+    # one 1000 x 16 embedding, shared with the head; attention's k and v projections are half of q's width
+    attention = 16 * 16 * 2 + 16 * 8 * 2
+    assert info["params"] == 1000 * 16 + attention + 3 * 16 * 32 + 3 * 16
+
+
+def test_cuda_asked_without_a_gpu_is_one_line(capsys):
+    import torch
+
+    from dpokit.cli import main
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert main(["bench", "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert "torch sees no CUDA device" in err and "Traceback" not in err

@@ -172,8 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--json", action="store_true", help="print the result as JSON")
     p = sub.add_parser("report", help="(re)write report.html in a run's output dir from its metrics.jsonl")
     p.add_argument("output_dir")
-    p = sub.add_parser("bench", help="dpokit and TRL's DPOTrainer side by side on the same tiny model and data: "
-                                     "pairs/s, tokens/s, peak RSS, fraction of the matmul peak")
+    p = sub.add_parser("bench", help="dpokit and TRL's DPOTrainer side by side on the same model and data (CPU fp32 "
+                                     "or GPU bf16): pairs/s, tokens/s, peak memory, fraction of the matmul peak")
     from .bench import add_arguments as bench_arguments
 
     bench_arguments(p)
