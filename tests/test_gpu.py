@@ -5,19 +5,16 @@ Skipped where torch sees no CUDA device (CI has none); run on a GPU machine with
 same device, so a wrong mask or a dtype slip shows as a difference, not as a crash.
 """
 
-import json
-
 import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from dpokit.config import load_config
 from dpokit.families.causal_lm import CausalLMScorer, collate
 from dpokit.train import Loop, train
 
-from conftest import ROWS
 from test_packing import LAYOUTS, _examples
+from test_train import _cfg
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -52,22 +49,16 @@ def test_chunked_head_on_cuda_matches_unchunked_gradients(tiny_model_dir, tokeni
     assert (grads[0] - grads[7]).abs().max() < 1e-4 * grads[0].abs().max()
 
 
-def _cfg(tmp_path, model_dir, pairs_file, name, **kw):
-    base = dict(model=str(model_dir), train_data=str(pairs_file), output_dir=str(tmp_path / name), max_steps=30,
-                per_device_train_batch_size=8, learning_rate=1e-2, logging_steps=1, save_steps=0, disable_tqdm=True,
-                ref_cache_dir=str(tmp_path / "cache"), report_to=["jsonl"])
-    base.update(kw)
-    return load_config(None, **base)
+# the loop's settings for a tiny run that learns the 8 pairs (test_train's config, bf16 left to its default)
+LEARN = dict(max_steps=30, per_device_train_batch_size=8, learning_rate=1e-2)
 
 
-def test_loop_defaults_to_bf16_autocast_with_fp32_weights(tiny_model_dir, tmp_path):
-    pairs = tmp_path / "pairs.jsonl"
-    pairs.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
-    loop = Loop(_cfg(tmp_path, tiny_model_dir, pairs, "probe"))
+def test_loop_defaults_to_bf16_autocast_with_fp32_weights(tiny_model_dir, pairs_file, tmp_path):
+    loop = Loop(_cfg(tmp_path, tiny_model_dir, pairs_file, "probe", **LEARN))
     assert loop.acc.device.type == "cuda" and loop.acc.mixed_precision == "bf16"
     assert {p.dtype for p in loop.model.parameters()} == {torch.float32}  # master weights stay fp32
 
-    result = train(_cfg(tmp_path, tiny_model_dir, pairs, "run"))
+    result = train(_cfg(tmp_path, tiny_model_dir, pairs_file, "run", **LEARN))
     rows = [r for r in result.history if "loss" in r]
     assert rows[0]["rewards/accuracies"] <= 0.5 and rows[-1]["rewards/accuracies"] == 1.0
     assert rows[-1]["loss"] < rows[0]["loss"] - 0.2
@@ -75,10 +66,9 @@ def test_loop_defaults_to_bf16_autocast_with_fp32_weights(tiny_model_dir, tmp_pa
     assert {t.dtype for t in saved.values()} == {torch.float32}
 
 
-def test_cached_reference_matches_the_first_step(tiny_model_dir, tmp_path):
+def test_cached_reference_matches_the_first_step(tiny_model_dir, pairs_file, tmp_path):
     # At the first step the policy is the reference, so its rewards are 0 only if the cached reference pass ran
     # with the training forward's precision and kernels (an fp32 reference against a bf16 policy is ~0.1 off).
-    pairs = tmp_path / "pairs.jsonl"
-    pairs.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
-    first = train(_cfg(tmp_path, tiny_model_dir, pairs, "run", max_steps=1, beta=1.0)).history[0]
+    first = train(_cfg(tmp_path, tiny_model_dir, pairs_file, "run", max_steps=1, per_device_train_batch_size=8,
+                       beta=1.0)).history[0]
     assert abs(first["rewards/chosen"]) < 0.02 and abs(first["rewards/rejected"]) < 0.02

@@ -217,6 +217,10 @@ def _usage() -> dict:
     return out
 
 
+def _precision(device: str) -> str:
+    return "bf16" if device == "cuda" else "fp32"
+
+
 def _sync() -> None:
     import torch
 
@@ -379,7 +383,7 @@ def compare(s: Settings, repeats: int, data: Path | None, prompt_tokens: int | N
             f"{info['mean_chosen']:.0f} / rejected {info['mean_rejected']:.0f} tokens "
             f"({info['distinct_tokens']} distinct); model {info['params'] / 1e6:.2f}M parameters; "
             f"batch {s.batch_size}, max_length {s.max_length}, lr {s.learning_rate}, "
-            f"{'bf16 mixed precision on the GPU' if s.device == 'cuda' else 'fp32'}, one epoch")
+            f"{_precision(s.device)}{' mixed precision on the GPU' if s.device == 'cuda' else ''}, one epoch")
         runs: dict[str, list] = {"dpokit": [], "trl": []}
         for i in range(repeats):
             for kind in (("dpokit", "trl") if i % 2 == 0 else ("trl", "dpokit")):
@@ -409,8 +413,8 @@ def format_table(result: dict) -> str:
                      f"{r['tokens_per_s']:.0f} | {r['seconds']:.1f} | {r['cpu_s']:.1f} | {r['peak_rss_mb']:.0f} MB | "
                      + (f"{r['gpu_peak_mb']:.0f} MB | " if gpu else "") + f"{100 * r['hw_fraction']:.1f}% |")
     cpu_ratio = result["trl"]["cpu_s"] / result["dpokit"]["cpu_s"]
-    kind = "bf16 GPU" if result["settings"]["device"] == "cuda" else "fp32"
-    lines.append(f"\ndpokit / TRL: {result['ratio']:.2f}x pairs/s ({cpu_ratio:.2f}x less CPU time); {kind} matmul peak "
+    lines.append(f"\ndpokit / TRL: {result['ratio']:.2f}x pairs/s ({cpu_ratio:.2f}x less CPU time); "
+                 f"{_precision(result['settings']['device'])} matmul peak "
                  f"measured {result['peak_gflops']:.0f} GFLOP/s")
     return "\n".join(lines)
 
@@ -454,7 +458,7 @@ def run_bench(args) -> None:
     peak = matmul_peak_gflops(device)
     where = torch.cuda.get_device_name() if device == "cuda" else f"{os.cpu_count()} CPUs"
     print(f"torch {torch.__version__}, {where}, torch threads {torch.get_num_threads()}, "
-          f"{'bf16' if device == 'cuda' else 'fp32'} matmul peak {peak:.0f} GFLOP/s, load average {_load()}",
+          f"{_precision(device)} matmul peak {peak:.0f} GFLOP/s, load average {_load()}",
           flush=True)
     say = lambda m: print(m, flush=True)  # noqa: E731
     ours, theirs = _overrides(args.dpokit_set), _overrides(args.trl_set)

@@ -437,10 +437,10 @@ def logit_metrics(terms: Terms, chosen_logits: torch.Tensor | None,
     when unpaired, every rejected reply of a group."""
     if chosen_logits is None:
         return {}
-    c, r = (chosen_logits, terms.chosen_len), (rejected_logits, terms.rejected_len)
+    chosen, rejected = (chosen_logits, terms.chosen_len), (rejected_logits, terms.rejected_len)
     if terms.kind == "unpaired":
         good = terms.label
-        return {"logits/chosen": (c[0][good], c[1][good]), "logits/rejected": (c[0][~good], c[1][~good])}
-    if terms.kind == "groups":
-        return {"logits/chosen": c, "logits/rejected": (r[0][terms.slots], r[1][terms.slots])}
-    return {"logits/chosen": c, "logits/rejected": r}
+        chosen, rejected = tuple(t[good] for t in chosen), tuple(t[~good] for t in chosen)
+    elif terms.kind == "groups":
+        rejected = tuple(t[terms.slots] for t in rejected)
+    return {"logits/chosen": chosen, "logits/rejected": rejected}

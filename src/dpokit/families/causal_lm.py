@@ -243,7 +243,7 @@ def one_call(query: torch.Tensor) -> bool:
 
 def _gathered_attention(fn, inner, module, query, key, value, attention_mask, blocks, window, kwargs):
     """All blocks in one padded call: [1, heads, N, d] → [blocks, heads, L, d] and back to [1, N, heads, d]."""
-    lengths, positions, gather, valid = blocks
+    _, positions, gather, valid = blocks
     mask = attention_mask if window is None else _window_mask(attention_mask, positions[:, None], window)
     q, k, v = (t[0][:, gather].transpose(0, 1) for t in (query, key, value))
     if query.is_cuda and inner == "sdpa":
