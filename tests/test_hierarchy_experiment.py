@@ -1,6 +1,7 @@
 """The GW-DPO hierarchy experiment: conflicts and their labels, the warm-up's behaviour, the margins the
 runs train with, held-out splits, exact reply probabilities, and (slow) a quick end-to-end run."""
 
+import json
 from collections import Counter
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 from dpokit.experiments import hierarchy as hy
 from dpokit.objectives import HIERARCHY
 from dpokit.recipes.hierarchy import hierarchy_margins
+from dpokit.segments import SegmentLlamaForCausalLM, segment_ids, with_segment_embeddings
 from dpokit.tiny import build_llama, build_tokenizer
 
 
@@ -112,6 +114,20 @@ def test_reply_probabilities_are_the_models_own():
         assert got.item() == pytest.approx(want.item(), rel=1e-4)
 
 
+def test_over_refusal_by_level_is_one_minus_the_asked_words_probability_on_that_levels_lone_prompts():
+    tokenizer = build_tokenizer([hy.render([(k + 1, w)]) for k in range(5) for w in hy.WORDS] + [hy.REFUSAL], 300)
+    model = build_llama(tokenizer, hidden_size=32, num_layers=1, seed=1).eval()
+    conflicts, benigns = hy.heldout(1, 40, seed=9, exclude=set())
+    got = hy.evaluate(model, tokenizer, conflicts, benigns)["over_refusal_single_by_level"]
+    p_word, _ = hy.reply_probs(model, tokenizer, [b["prompt"] for b in benigns], [b["word"] for b in benigns],
+                               [hy.REFUSAL] * len(benigns))
+    for level, name in enumerate(HIERARCHY, 1):
+        mine = [1 - p.item() for p, b in zip(p_word, benigns) if b["kind"] == "single" and b["levels"] == (level,)]
+        if mine:
+            assert got[name] == pytest.approx(sum(mine) / len(mine), rel=1e-5)
+    assert set(got) == {HIERARCHY[b["levels"][0] - 1] for b in benigns if b["kind"] == "single"}
+
+
 @pytest.mark.slow
 def test_quick_run_learns_the_hierarchy(tmp_path):
     r = hy.run(tmp_path, quick=True)
@@ -138,3 +154,34 @@ def test_runs_train_with_the_sizes_loss_type_sigmoid_by_default(tmp_path, monkey
         hy.run(tmp_path, quick=True, warmup_rows=200, warmup_steps=2, pairs=20, benign_pairs=5, eval_per_pair=1,
                eval_benign=8, **overrides)
     assert [cfg.loss_types for cfg in seen] == [[want]]
+
+
+def test_delimited_prompts_put_each_line_in_its_sources_segment():
+    specials = hy.DELIMITERS + [hy.REPLY_DELIMITER]
+    tokenizer = build_tokenizer([hy.delimited(hy.render([(k + 1, w)])) for k in range(5) for w in hy.WORDS], 300,
+                                extra_special_tokens=specials)
+    prompt = hy.delimited(hy.render([(5, "apple"), (1, "river")]))
+    assert prompt == "<|platform|>Say apple.\n<|data|>Say river.\n<|reply|>"
+    ids = tokenizer(prompt + "apple")["input_ids"]
+    embed = with_segment_embeddings(build_llama(tokenizer, hidden_size=32, num_layers=1),
+                                    hy.segment_delimiters(tokenizer)).model.embed_tokens
+    segs = segment_ids(torch.tensor([ids]), embed.segment_of_token(torch.device("cpu")), 0)[0].tolist()
+    text = {k: tokenizer.decode([t for t, s in zip(ids, segs) if s == k]) for k in set(segs)}
+    assert text == {5: "<|platform|>Say apple.\n", 1: "<|data|>Say river.\n", 0: "<|reply|>apple"}
+
+
+def test_an_ise_run_trains_a_segment_model_on_delimited_prompts(tmp_path, monkeypatch):
+    seen = []
+
+    def fake_train(cfg):
+        seen.append(cfg)
+        raise _Stop
+
+    monkeypatch.setattr(hy, "train", fake_train)
+    with pytest.raises(_Stop):
+        hy.run(tmp_path, quick=True, warmup_rows=200, warmup_steps=2, pairs=20, benign_pairs=5, eval_per_pair=1,
+               eval_benign=8, ise=True)
+    from transformers import AutoModelForCausalLM
+    assert isinstance(AutoModelForCausalLM.from_pretrained(seen[0].model), SegmentLlamaForCausalLM)
+    rows = [json.loads(line) for line in open(seen[0].train_data)]
+    assert all(r["prompt"].startswith("<|") and r["prompt"].endswith(hy.REPLY_DELIMITER) for r in rows)

@@ -48,6 +48,10 @@ def _dtype(name: str):
 def load_model(path: str, cfg) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
+    from ..segments import register_auto_classes
+
+    register_auto_classes()
+
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=_dtype(cfg.dtype), attn_implementation=cfg.attn_implementation,
