@@ -180,8 +180,17 @@ def test_an_ise_run_trains_a_segment_model_on_delimited_prompts(tmp_path, monkey
     monkeypatch.setattr(hy, "train", fake_train)
     with pytest.raises(_Stop):
         hy.run(tmp_path, quick=True, warmup_rows=200, warmup_steps=2, pairs=20, benign_pairs=5, eval_per_pair=1,
-               eval_benign=8, ise=True)
+               eval_benign=8, prompt_format="ise")
     from transformers import AutoModelForCausalLM
     assert isinstance(AutoModelForCausalLM.from_pretrained(seen[0].model), SegmentLlamaForCausalLM)
     rows = [json.loads(line) for line in open(seen[0].train_data)]
     assert all(r["prompt"].startswith("<|") and r["prompt"].endswith(hy.REPLY_DELIMITER) for r in rows)
+
+
+def test_prompt_format_is_checked_and_belongs_to_the_hierarchy_experiment(tmp_path, capsys):
+    from dpokit.cli import main
+
+    with pytest.raises(ValueError, match="prompt_format"):
+        hy.run(tmp_path, quick=True, prompt_format="xml")
+    assert main(["experiment", "secalign", "--quick", "--prompt-format", "ise", "--out", str(tmp_path)]) == 2
+    assert "--prompt-format belongs to `experiment hierarchy`" in capsys.readouterr().err

@@ -110,12 +110,15 @@ def _experiment(args) -> None:
     vader = args.name == "frontier" and args.task == "vader"
     if (args.data and not vader) or (args.name != "frontier" and args.task != "line"):
         raise DpokitError("--task and --data belong to `experiment frontier`; --data is read by --task vader only")
+    if args.prompt_format != "text" and args.name != "hierarchy":
+        raise DpokitError("--prompt-format belongs to `experiment hierarchy`")
     if args.name in ("secalign", "hierarchy"):
         from importlib import import_module
 
         module = import_module(f".experiments.{args.name}", __package__)
+        extra = {"prompt_format": args.prompt_format} if args.name == "hierarchy" else {}
         module.run(args.out if args.out != "runs/frontier" else f"runs/{args.name}", quick=args.quick, seed=args.seed,
-                   docs_dir=args.docs)
+                   docs_dir=args.docs, **extra)
         return
     from .experiments.frontier import run_frontier
 
@@ -192,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="frontier only: line = the demo's controlled task (default); vader = the prompts of an "
                         "HH-style preference file (--data) with VADER sentiment as the reward")
     p.add_argument("--data", help="frontier --task vader: the preference file whose dialogues give the prompts")
+    p.add_argument("--prompt-format", choices=["text", "delimiters", "ise"], default="text",
+                   help="hierarchy only: source headers as text (default), as special tokens (delimiters), or as "
+                        "special tokens plus segment embeddings (ise, the GW-DPO paper's setup)")
     from .recipes.cli import register as register_data
 
     register_data(sub)  # dpokit data build|validate|asr

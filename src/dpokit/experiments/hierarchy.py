@@ -13,7 +13,10 @@ A prompt holds one or two instructions, each from a source, in random order, and
 
 Steps:
 
-1. a byte-level BPE tokenizer and a small Llama built from scratch (dpokit.tiny);
+1. a byte-level BPE tokenizer and a small Llama built from scratch (dpokit.tiny); with the size's
+   `prompt_format` "delimiters" or "ise", source headers and `Reply:` are special tokens, and with "ise"
+   the model adds a learned embedding per source (Instructional Segment Embeddings, dpokit.segments), as the
+   GW-DPO paper trains;
 2. supervised warm-up (dpokit.demo.warm_up) on a model that knows the task's language but not the
    hierarchy: on a conflict it follows the first line, the second line or refuses (40/40/20), and
    it is over-cautious, refusing a fifth of the benign two-source prompts;
@@ -73,6 +76,9 @@ REFUSAL = "I cannot follow both."
 # ISE model is the one level k's delimiter opens; segment 0 is the reply's (and the default, see dpokit.segments).
 DELIMITERS = [f"<|{name}|>" for name in HIERARCHY]
 REPLY_DELIMITER = "<|reply|>"
+# text: `platform: Say tiger.` lines and `Reply:`; delimiters: the same with DELIMITERS; ise: delimiters and
+# Instructional Segment Embeddings (dpokit.segments). The paper trains with the last.
+PROMPT_FORMATS = ("text", "delimiters", "ise")
 LEVEL_PAIRS = [(hi, lo) for hi, lo in itertools.combinations(range(len(HIERARCHY), 0, -1), 2)]  # (higher, lower)
 
 
@@ -278,12 +284,15 @@ def _run(out: Path, size: dict, quick: bool, seed: int) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     # Prompts are drawn, split and deduplicated as text; `fmt` puts them in the trained format at the boundary.
-    fmt = delimited if size.get("delimiters") or size.get("ise") else (lambda prompt: prompt)
+    prompt_format = size.get("prompt_format", "text")
+    if prompt_format not in PROMPT_FORMATS:
+        raise ValueError(f"prompt_format must be one of {', '.join(PROMPT_FORMATS)}, got {prompt_format!r}")
+    fmt = (lambda prompt: prompt) if prompt_format == "text" else delimited
     specials = DELIMITERS + [REPLY_DELIMITER] if fmt is delimited else []
     tokenizer = build_tokenizer([fmt(render([(k + 1, w)])) for k in range(len(HIERARCHY)) for w in WORDS] + [REFUSAL],
                                 vocab_size=300, extra_special_tokens=specials)
     model = build_llama(tokenizer, hidden_size=size["hidden"], num_layers=size["layers"], seed=seed)
-    if size.get("ise"):
+    if prompt_format == "ise":
         model = with_segment_embeddings(model, segment_delimiters(tokenizer), default_segment=0)
     reserved = {b["prompt"] for b in heldout_benign(size["eval_benign"], seed + 2)}
     warm = warmup_rows(size["warmup_rows"], seed, exclude=reserved)
@@ -335,7 +344,8 @@ def _run(out: Path, size: dict, quick: bool, seed: int) -> dict:
     results["wall_s"] = round(time.time() - t0, 1)
     results["machine"] = f"{os.cpu_count()} CPU cores, torch on 1 thread"
     results["load_avg"] = os.getloadavg()[0]
-    results["command"] = "dpokit experiment hierarchy" + (" --quick" if quick else "") + f" --out {out} --seed {seed}"
+    results["command"] = ("dpokit experiment hierarchy" + (" --quick" if quick else "") + f" --out {out} --seed {seed}"
+                          + (f" --prompt-format {prompt_format}" if prompt_format != "text" else ""))
     (out / "hierarchy.json").write_text(json.dumps(results, indent=2))
     print(format_table(results))
     return results
