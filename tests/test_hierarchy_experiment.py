@@ -141,8 +141,8 @@ class _Stop(Exception):
     pass
 
 
-@pytest.mark.parametrize("overrides, want", [({}, "sigmoid"), ({"loss_type": "ipo"}, "ipo")])
-def test_runs_train_with_the_sizes_loss_type_sigmoid_by_default(tmp_path, monkeypatch, overrides, want):
+def _first_train_config(tmp_path, monkeypatch, **overrides):
+    """The TrainConfig of a tiny run's first training call (the run stops there)."""
     seen = []
 
     def fake_train(cfg):
@@ -153,7 +153,13 @@ def test_runs_train_with_the_sizes_loss_type_sigmoid_by_default(tmp_path, monkey
     with pytest.raises(_Stop):
         hy.run(tmp_path, quick=True, warmup_rows=200, warmup_steps=2, pairs=20, benign_pairs=5, eval_per_pair=1,
                eval_benign=8, **overrides)
-    assert [cfg.loss_types for cfg in seen] == [[want]]
+    [cfg] = seen
+    return cfg
+
+
+@pytest.mark.parametrize("overrides, want", [({}, "sigmoid"), ({"loss_type": "ipo"}, "ipo")])
+def test_runs_train_with_the_sizes_loss_type_sigmoid_by_default(tmp_path, monkeypatch, overrides, want):
+    assert _first_train_config(tmp_path, monkeypatch, **overrides).loss_types == [want]
 
 
 def test_delimited_prompts_put_each_line_in_its_sources_segment():
@@ -171,19 +177,10 @@ def test_delimited_prompts_put_each_line_in_its_sources_segment():
 
 
 def test_an_ise_run_trains_a_segment_model_on_delimited_prompts(tmp_path, monkeypatch):
-    seen = []
-
-    def fake_train(cfg):
-        seen.append(cfg)
-        raise _Stop
-
-    monkeypatch.setattr(hy, "train", fake_train)
-    with pytest.raises(_Stop):
-        hy.run(tmp_path, quick=True, warmup_rows=200, warmup_steps=2, pairs=20, benign_pairs=5, eval_per_pair=1,
-               eval_benign=8, prompt_format="ise")
+    cfg = _first_train_config(tmp_path, monkeypatch, prompt_format="ise")
     from transformers import AutoModelForCausalLM
-    assert isinstance(AutoModelForCausalLM.from_pretrained(seen[0].model), SegmentLlamaForCausalLM)
-    rows = [json.loads(line) for line in open(seen[0].train_data)]
+    assert isinstance(AutoModelForCausalLM.from_pretrained(cfg.model), SegmentLlamaForCausalLM)
+    rows = [json.loads(line) for line in open(cfg.train_data)]
     assert all(r["prompt"].startswith("<|") and r["prompt"].endswith(hy.REPLY_DELIMITER) for r in rows)
 
 

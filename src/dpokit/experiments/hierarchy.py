@@ -72,13 +72,12 @@ WORDS = (
     "violin", "wagon", "zebra", "anchor", "basket", "candle", "desert", "engine", "feather", "garden", "hammer",
 )
 REFUSAL = "I cannot follow both."
-# The paper's format: one special token per source opens its line, another opens the reply. Segment k of the
-# ISE model is the one level k's delimiter opens; segment 0 is the reply's (and the default, see dpokit.segments).
+# text: `platform: Say tiger.` lines and `Reply:`; delimiters: a special token per source opens its line and
+# another opens the reply; ise (the paper's): delimiters plus Instructional Segment Embeddings (dpokit.segments),
+# segment k opened by level k's delimiter, segment 0 (the reply's, and the default) by REPLY_DELIMITER.
+PROMPT_FORMATS = ("text", "delimiters", "ise")
 DELIMITERS = [f"<|{name}|>" for name in HIERARCHY]
 REPLY_DELIMITER = "<|reply|>"
-# text: `platform: Say tiger.` lines and `Reply:`; delimiters: the same with DELIMITERS; ise: delimiters and
-# Instructional Segment Embeddings (dpokit.segments). The paper trains with the last.
-PROMPT_FORMATS = ("text", "delimiters", "ise")
 LEVEL_PAIRS = [(hi, lo) for hi, lo in itertools.combinations(range(len(HIERARCHY), 0, -1), 2)]  # (higher, lower)
 
 
@@ -288,7 +287,7 @@ def _run(out: Path, size: dict, quick: bool, seed: int) -> dict:
     if prompt_format not in PROMPT_FORMATS:
         raise ValueError(f"prompt_format must be one of {', '.join(PROMPT_FORMATS)}, got {prompt_format!r}")
     fmt = (lambda prompt: prompt) if prompt_format == "text" else delimited
-    specials = DELIMITERS + [REPLY_DELIMITER] if fmt is delimited else []
+    specials = DELIMITERS + [REPLY_DELIMITER] if prompt_format != "text" else []
     tokenizer = build_tokenizer([fmt(render([(k + 1, w)])) for k in range(len(HIERARCHY)) for w in WORDS] + [REFUSAL],
                                 vocab_size=300, extra_special_tokens=specials)
     model = build_llama(tokenizer, hidden_size=size["hidden"], num_layers=size["layers"], seed=seed)
@@ -355,14 +354,13 @@ def summarize(results: dict) -> dict:
     """Each method's metrics averaged over its training seeds, and the goal against plain DPO."""
     keys = ("adherence", "pairwise", "follows_lower", "refuses_conflict", "over_refusal", "over_refusal_two_sources",
             "refusal_benign", "greedy_adherence", "greedy_over_refusal")
+    by_keys = ("adherence_by_gap", "over_refusal_single_by_level")
     warm = results["models"]["warm-up"]
-    table = {"warm-up": {k: warm[k] for k in keys} | {"adherence_by_gap": warm["adherence_by_gap"], "runs": 0,
-                                                      "over_refusal_single_by_level": warm.get(
-                                                          "over_refusal_single_by_level", {})}}
+    table = {"warm-up": {k: warm[k] for k in keys} | {by: warm.get(by, {}) for by in by_keys} | {"runs": 0}}
     for method in dict.fromkeys(r["method"] for r in results["runs"]):
         runs = [r for r in results["runs"] if r["method"] == method]
         row = {k: sum(r[k] for r in runs) / len(runs) for k in keys}
-        for by in ("adherence_by_gap", "over_refusal_single_by_level"):
+        for by in by_keys:
             row[by] = {g: sum(r[by][g] for r in runs) / len(runs) for g in runs[0].get(by, {})}
         row["adherence_range"] = [min(r["adherence"] for r in runs), max(r["adherence"] for r in runs)]
         row["runs"] = len(runs)
