@@ -2,6 +2,7 @@
 segment's vector reaches exactly the tokens of that segment, and the model survives dpokit's row layouts,
 a KV cache, and a save/load through dpokit's loader."""
 
+import math
 import random
 
 import pytest
@@ -108,3 +109,31 @@ def test_bad_delimiters_are_refused(tokenizer):
         with_segment_embeddings(plain, [[0], [10 ** 6]])
     with pytest.raises(ValueError, match="default_segment"):
         with_segment_embeddings(plain, [[4], [5]], default_segment=2)
+
+
+def test_dpokit_trains_the_segment_table_against_a_reference_that_keeps_its_segments(tmp_path, tokenizer, delimiters,
+                                                                                     ise_model):
+    import json
+
+    from dpokit.config import load_config
+    from dpokit.train import train
+
+    ise_model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    rng = random.Random(4)
+    rows = [{"prompt": f"<|system|>Be brief.<|user|>Name a {rng.choice(['fruit', 'tree', 'bird'])}.<|assistant|>",
+             "chosen": rng.choice(["apple", "oak", "wren"]), "rejected": rng.choice(["no", "later", "maybe"])}
+            for _ in range(16)]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = load_config(None, model=str(tmp_path / "model"), train_data=str(tmp_path / "pairs.jsonl"),
+                      output_dir=str(tmp_path / "run"), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2,
+                      logging_steps=1, save_steps=0, disable_tqdm=True, ref_cache_dir=str(tmp_path / "cache"),
+                      report_to=["jsonl"])
+    out = train(cfg).output_dir
+    first = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    # the segment table is random, so a reference without it would not score step 1 as the policy does
+    assert abs(first["rewards/margins"]) < 1e-6 and abs(first["loss"] - math.log(2)) < 1e-5
+    trained = CausalLMFamily().load_model(str(out), cfg)
+    before, after = ise_model.model.embed_tokens.segments.weight, trained.model.embed_tokens.segments.weight
+    assert isinstance(trained, SegmentLlamaForCausalLM)
+    assert all(not torch.equal(before[k], after[k]) for k in range(3))  # every segment occurs, every row learns
