@@ -6,7 +6,9 @@ from collections import Counter
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
+from dpokit.cli import main
 from dpokit.experiments import hierarchy as hy
 from dpokit.objectives import HIERARCHY
 from dpokit.recipes.hierarchy import hierarchy_margins
@@ -178,15 +180,12 @@ def test_delimited_prompts_put_each_line_in_its_sources_segment():
 
 def test_an_ise_run_trains_a_segment_model_on_delimited_prompts(tmp_path, monkeypatch):
     cfg = _first_train_config(tmp_path, monkeypatch, prompt_format="ise")
-    from transformers import AutoModelForCausalLM
     assert isinstance(AutoModelForCausalLM.from_pretrained(cfg.model), SegmentLlamaForCausalLM)
     rows = [json.loads(line) for line in open(cfg.train_data)]
     assert all(r["prompt"].startswith("<|") and r["prompt"].endswith(hy.REPLY_DELIMITER) for r in rows)
 
 
 def test_prompt_format_is_checked_and_belongs_to_the_hierarchy_experiment(tmp_path, capsys):
-    from dpokit.cli import main
-
     with pytest.raises(ValueError, match="prompt_format"):
         hy.run(tmp_path, quick=True, prompt_format="xml")
     assert main(["experiment", "secalign", "--quick", "--prompt-format", "ise", "--out", str(tmp_path)]) == 2

@@ -2,6 +2,7 @@
 segment's vector reaches exactly the tokens of that segment, and the model survives dpokit's row layouts,
 a KV cache, and a save/load through dpokit's loader."""
 
+import json
 import math
 import random
 
@@ -13,6 +14,9 @@ from dpokit.data import Example
 from dpokit.families.causal_lm import CausalLMFamily, CausalLMScorer, collate
 from dpokit.segments import SegmentLlamaForCausalLM, segment_ids, with_segment_embeddings
 from dpokit.tiny import build_llama
+from dpokit.train import train
+
+from test_train import _cfg
 
 
 def _ids(tokenizer, *names):
@@ -34,10 +38,14 @@ def ise_model(tokenizer, delimiters):
     return model
 
 
+def _words(rng, tokenizer, k):
+    return [rng.randrange(7, len(tokenizer)) for _ in range(k)]  # past the special tokens
+
+
 def _prompt(rng, tokenizer, delimiters):
     (reply,), (system,), (user,) = delimiters
-    words = lambda k: [rng.randrange(7, len(tokenizer)) for _ in range(k)]  # noqa: E731  (past the specials)
-    return [system] + words(rng.randint(1, 6)) + [user] + words(rng.randint(1, 6)) + [reply]
+    return [system] + _words(rng, tokenizer, rng.randint(1, 6)) + [user] + _words(rng, tokenizer, rng.randint(1, 6)) \
+        + [reply]
 
 
 def test_a_token_belongs_to_the_segment_its_last_delimiter_opened():
@@ -66,9 +74,8 @@ def test_the_row_layouts_give_the_log_probs_of_one_sequence_at_a_time(tokenizer,
     """Packed rows and the shared-prompt layout (rejected after chosen in one row) must give each completion
     the segments it has alone: the reply's, opened by the prompt's last delimiter."""
     rng = random.Random(1)
-    words = lambda k: [rng.randrange(7, len(tokenizer)) for _ in range(k)]  # noqa: E731
-    examples = [Example(_prompt(rng, tokenizer, delimiters), words(rng.randint(1, 5)), words(rng.randint(1, 5)))
-                for _ in range(5)]
+    examples = [Example(_prompt(rng, tokenizer, delimiters), _words(rng, tokenizer, rng.randint(1, 5)),
+                        _words(rng, tokenizer, rng.randint(1, 5))) for _ in range(5)]
 
     def alone(prompt, completion):
         ids = torch.tensor([prompt + completion])
@@ -113,11 +120,6 @@ def test_bad_delimiters_are_refused(tokenizer):
 
 def test_dpokit_trains_the_segment_table_against_a_reference_that_keeps_its_segments(tmp_path, tokenizer, delimiters,
                                                                                      ise_model):
-    import json
-
-    from dpokit.config import load_config
-    from dpokit.train import train
-
     ise_model.save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
     rng = random.Random(4)
@@ -125,10 +127,7 @@ def test_dpokit_trains_the_segment_table_against_a_reference_that_keeps_its_segm
              "chosen": rng.choice(["apple", "oak", "wren"]), "rejected": rng.choice(["no", "later", "maybe"])}
             for _ in range(16)]
     (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    cfg = load_config(None, model=str(tmp_path / "model"), train_data=str(tmp_path / "pairs.jsonl"),
-                      output_dir=str(tmp_path / "run"), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2,
-                      logging_steps=1, save_steps=0, disable_tqdm=True, ref_cache_dir=str(tmp_path / "cache"),
-                      report_to=["jsonl"])
+    cfg = _cfg(tmp_path, tmp_path / "model", tmp_path / "pairs.jsonl", max_steps=3, learning_rate=1e-2)
     out = train(cfg).output_dir
     first = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
     # the segment table is random, so a reference without it would not score step 1 as the policy does
