@@ -101,6 +101,20 @@ def test_benign_pairs_prefer_the_asked_word_and_get_no_gw_margin():
         assert r["privileged_level"] == r["conflicting_level"] == HIERARCHY[top] and gw["margin"] == 0.0
 
 
+def test_data_alone_weight_lands_on_the_lone_data_source_pairs_and_in_the_trained_file(tmp_path, monkeypatch):
+    plain, weighted = hy.benign_pairs(600, seed=8), hy.benign_pairs(600, seed=8, data_alone_weight=4.0)
+    lone_data = [[name for name, _ in _lines(r["prompt"])] == ["data"] for r in plain]
+    assert 20 < sum(lone_data) < 100
+    assert all("weight" not in r for r in plain)
+    assert [r.get("weight", 1.0) for r in weighted] == [4.0 if d else 1.0 for d in lone_data]
+    assert [{k: v for k, v in r.items() if k != "weight"} for r in weighted] == plain
+    cfg = _first_train_config(tmp_path, monkeypatch, benign_pairs=60, data_alone_weight=4.0)
+    rows = [json.loads(line) for line in open(cfg.train_data)]
+    assert {r.get("weight") for r in rows} == {None, 4.0}
+    assert all((r.get("weight") == 4.0) == (r["prompt"].startswith("data: ") and r["prompt"].count("\n") == 2)
+               for r in rows)
+
+
 def test_reply_probabilities_are_the_models_own():
     prompts = [hy.render([(5, "apple"), (1, "river")]), hy.render([(2, "lemon")])]
     tokenizer = build_tokenizer([hy.render([(k + 1, w)]) for k in range(5) for w in hy.WORDS] + [hy.REFUSAL], 300)
@@ -137,6 +151,7 @@ def test_quick_run_learns_the_hierarchy(tmp_path):
     for method in ("DPO", "GW-DPO linear ×1", "GW-DPO bilateral ×1"):
         assert table[method]["adherence"] > table["warm-up"]["adherence"] + 0.05
     assert (tmp_path / "hierarchy.json").exists()
+    assert r["command"] == f"dpokit experiment hierarchy --quick --out {tmp_path} --seed 0"
 
 
 class _Stop(Exception):
@@ -153,8 +168,8 @@ def _first_train_config(tmp_path, monkeypatch, **overrides):
 
     monkeypatch.setattr(hy, "train", fake_train)
     with pytest.raises(_Stop):
-        hy.run(tmp_path, quick=True, warmup_rows=200, warmup_steps=2, pairs=20, benign_pairs=5, eval_per_pair=1,
-               eval_benign=8, **overrides)
+        hy.run(tmp_path, quick=True, **{**dict(warmup_rows=200, warmup_steps=2, pairs=20, benign_pairs=5,
+                                               eval_per_pair=1, eval_benign=8), **overrides})
     [cfg] = seen
     return cfg
 
@@ -190,3 +205,36 @@ def test_prompt_format_is_checked_and_belongs_to_the_hierarchy_experiment(tmp_pa
         hy.run(tmp_path, quick=True, prompt_format="xml")
     assert main(["experiment", "secalign", "--quick", "--prompt-format", "ise", "--out", str(tmp_path)]) == 2
     assert "--prompt-format belongs to `experiment hierarchy`" in capsys.readouterr().err
+
+
+def test_eval_every_measures_each_checkpoint_as_a_run_stopped_there(tmp_path):
+    tiny = dict(quick=True, warmup_rows=200, warmup_steps=2, pairs=20, benign_pairs=5, eval_per_pair=1, eval_benign=8,
+                scales=())
+    long = hy.run(tmp_path / "long", dpo_steps=6, eval_every=3, **tiny)
+    short = hy.run(tmp_path / "short", dpo_steps=3, **tiny)
+    [run] = long["runs"]
+    assert [p["step"] for p in run["curve"]] == [3, 6]
+    assert run["curve"][1]["adherence"] == run["adherence"]
+    # constant learning rate after warm-up and the same data order: step 3 of 6 is the 3-step run
+    assert run["curve"][0]["adherence"] == pytest.approx(short["runs"][0]["adherence"], abs=1e-6)
+    assert run["curve"][0]["adherence"] != run["adherence"]
+    assert not list((tmp_path / "long" / "runs").glob("*/checkpoint-*"))
+    # sizes the CLI cannot set make the recorded rerun command a Python call that sets them
+    assert long["command"].startswith(f"hierarchy.run({str(tmp_path / 'long')!r}, quick=True, seed=0, ")
+    assert all(f in long["command"] for f in ("dpo_steps=6", "eval_every=3", "scales=()"))
+
+
+def test_curve_summary_counts_checkpoints_the_other_method_matches_or_beats():
+    def curve(*points):
+        return [{"step": 10 * (i + 1), "adherence": a, "over_refusal": o} for i, (a, o) in enumerate(points)]
+
+    dpo = curve((0.5, 0.02), (0.7, 0.03), (0.8, 0.04))
+    runs = [{"method": "DPO", "run_seed": 0, "curve": dpo},
+            {"method": "GW-DPO linear ×1", "run_seed": 0, "curve": curve((0.6, 0.03), (0.7, 0.02), (0.9, 0.05))},
+            {"method": "GW-DPO linear ×0.1", "run_seed": 0, "curve": dpo}]
+    s = hy.summarize_curves({"runs": runs})
+    # DPO's (0.7, 0.03) matches GW's (0.6, 0.03); GW's (0.7, 0.02) beats DPO's first two; nothing covers GW's
+    # (0.9, 0.05) or DPO's (0.8, 0.04)
+    assert s["covered"]["GW-DPO linear ×1"] == {"checkpoints": 3, "gw_covered_by_dpo": 1, "dpo_covered_by_gw": 2}
+    assert s["covered"]["GW-DPO linear ×0.1"] == {"checkpoints": 3, "gw_covered_by_dpo": 3, "dpo_covered_by_gw": 3}
+    assert s["by_step"]["DPO"]["20"] == [0.7, 0.03]

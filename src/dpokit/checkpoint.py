@@ -178,6 +178,17 @@ def list_checkpoints(root: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def policy_at(folder: Path, base_model: nn.Module) -> nn.Module:
+    """The policy of a full-weight checkpoint, for evaluating it outside the loop: its
+    `trainable.safetensors` (the scorer's state, keys prefixed `model.`) in a copy of `base_model`."""
+    import copy
+
+    weights = load_file(str(Path(folder) / "trainable.safetensors"))
+    model = copy.deepcopy(base_model)
+    model.load_state_dict({k.removeprefix("model."): v for k, v in weights.items()}, strict=True)
+    return model.eval()
+
+
 def load(folder: Path, model: nn.Module, optimizer, scheduler, accelerator=None) -> dict:
     """Restore a checkpoint into every rank; returns the loop state. All ranks call this."""
     folder = Path(folder)

@@ -25,7 +25,6 @@ its own section).
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
@@ -37,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from .. import tasks
+from .. import checkpoint, tasks
 from ..config import TrainConfig
 from ..data import load_examples
 from ..demo import FULL as DEMO_FULL, QUICK as DEMO_QUICK
@@ -158,17 +157,6 @@ def _say(t0: float, message: str) -> None:
     print(f"[frontier {time.time() - t0:6.1f}s] {message}", flush=True)
 
 
-def _policy_at(checkpoint_dir: Path, sft_model):
-    """The policy of a training checkpoint: its full-weight `trainable.safetensors` (the scorer's
-    state, keys prefixed `model.`) loaded into a copy of the SFT model."""
-    from safetensors.torch import load_file
-
-    weights = load_file(str(checkpoint_dir / "trainable.safetensors"))
-    model = copy.deepcopy(sft_model)
-    model.load_state_dict({k.removeprefix("model."): v for k, v in weights.items()}, strict=True)
-    return model.eval()
-
-
 @dataclass
 class Setup:
     """A task for the experiment: the SFT model, the prompts, and how a reply is scored."""
@@ -227,7 +215,7 @@ def _train_and_measure(run: Run, data: Path, setup: Setup, size: dict, out: Path
     models = [(int(p.name.split("-")[1]), p) for p in run_dir.glob("checkpoint-*")]
     points = []
     for step, path in sorted(models) + [(result.global_step, None)]:
-        model = _policy_at(path, setup.sft) if path else AutoModelForCausalLM.from_pretrained(run_dir).eval()
+        model = checkpoint.policy_at(path, setup.sft) if path else AutoModelForCausalLM.from_pretrained(run_dir).eval()
         points.append({**asdict(run), "step": step, **measure(model, setup, size["eval_samples"], seed + 2)})
         if path:
             shutil.rmtree(path)  # optimizer state and all: ~1 GB over a full run; the point is what is kept

@@ -23,7 +23,8 @@ Steps:
 3. preference pairs on conflicts over all ten pairs of levels: chosen = the higher source's word,
    rejected = the lower one's, each row tagged with `privileged_level` / `conflicting_level`; and
    benign pairs (`benign_pairs`): chosen = the asked word, rejected = the refusal or another word,
-   both levels the prompt's top source (no gap: GW-DPO's margin is 0 there), for every method alike;
+   both levels the prompt's top source (no gap: GW-DPO's margin is 0 there), for every method alike
+   (size key `data_alone_weight`: a per-pair weight on those whose one source is `data`);
 4. the same pairs, the same β, learning rate, steps and seed, trained with `dpokit.train` (sigmoid
    loss unless the size's `loss_type` says otherwise, e.g. "ipo", whose margin shifts its target;
    warm-up model as reference): plain DPO (no margin) and GW-DPO, whose per-pair margin comes
@@ -31,7 +32,10 @@ Steps:
    the bilateral schedule, at each margin scale asked for; and, as a control, plain DPO trained for
    `control_steps`. Every method gets the same NLL term on the chosen reply (`rpo_alpha`): without
    it, DPO on this task moves probability off both words onto malformed replies (likelihood
-   displacement) before it learns the order, for every method;
+   displacement) before it learns the order, for every method.
+   With the size key `eval_every`, every run also saves a checkpoint that often and `evaluate`s each one
+   (`curve` in the run's record, `summarize_curves`): whether GW-DPO's checkpoints lie above plain DPO's
+   adherence / over-refusal curve or on it, further along;
 5. held-out conflicts (word pairs no training prompt uses) and distinct benign prompts set aside
    before the warm-up (`heldout_benign`; there are only 850 benign prompts and the warm-up would see
    nearly all of them): exact reply probabilities — adherence (π of the higher source's word; overall
@@ -48,11 +52,13 @@ import itertools
 import json
 import os
 import random
+import shutil
 import time
 from pathlib import Path
 
 import torch
 
+from .. import checkpoint
 from ..config import TrainConfig
 from ..data import load_examples
 from ..demo import pair_logps, warm_up
@@ -169,10 +175,12 @@ def preference_rows(n: int, seed: int) -> list[dict]:
 
 
 def benign_pairs(n: int, seed: int, exclude: frozenset[str] | set[str] = frozenset(),
-                 refusal_share: float = 0.5) -> list[dict]:
+                 refusal_share: float = 0.5, data_alone_weight: float = 1.0) -> list[dict]:
     """Benign pairs, for every method alike: chosen = the asked word, rejected = the refusal
     (`refusal_share` of them) or another word. Both level fields name the prompt's highest source: no
-    privilege gap, so GW-DPO's margin is 0 on them (`hierarchy_margins`)."""
+    privilege gap, so GW-DPO's margin is 0 on them (`hierarchy_margins`). Pairs whose one source is the
+    lowest level get the per-pair `weight` data_alone_weight (when it is not 1): the data source loses every
+    conflict, and these few pairs are all that says it is still to be followed when alone."""
     rng = random.Random(seed)
     rows = []
     for _ in range(n):
@@ -181,6 +189,8 @@ def benign_pairs(n: int, seed: int, exclude: frozenset[str] | set[str] = frozens
         top = HIERARCHY[max(b["levels"]) - 1]
         rows.append({"prompt": b["prompt"], "chosen": b["word"], "rejected": rejected,
                      "privileged_level": top, "conflicting_level": top})
+        if b["levels"] == (1,) and data_alone_weight != 1:
+            rows[-1]["weight"] = data_alone_weight
     return rows
 
 
@@ -302,7 +312,8 @@ def _run(out: Path, size: dict, quick: bool, seed: int) -> dict:
     tokenizer.save_pretrained(warm_dir)
     _say(t0, f"warm-up: {size['warmup_steps']} steps on {len(warm)} rows, loss {loss:.3f}")
 
-    pairs = preference_rows(size["pairs"], seed + 1) + benign_pairs(size["benign_pairs"], seed + 3, reserved)
+    pairs = preference_rows(size["pairs"], seed + 1) + benign_pairs(
+        size["benign_pairs"], seed + 3, reserved, data_alone_weight=size.get("data_alone_weight", 1.0))
     random.Random(seed + 4).shuffle(pairs)
     seen = {r["prompt"] for r in warm} | {r["prompt"] for r in pairs}
     conflicts, benigns = heldout(size["eval_per_pair"], size["eval_benign"], seed + 2, seen)
@@ -329,12 +340,15 @@ def _run(out: Path, size: dict, quick: bool, seed: int) -> dict:
                 rpo_alpha=size["rpo_alpha"], learning_rate=size["dpo_lr"],
                 lr_scheduler_type="constant_with_warmup", warmup_steps=5, max_steps=steps,
                 per_device_train_batch_size=32, max_length=64, max_prompt_length=48, logging_steps=10,
-                save_steps=10 ** 6, report_to=["jsonl"], disable_tqdm=True, seed=seed + run_seed,
-                ref_cache_dir=str(out / "ref-cache"),
+                save_steps=size.get("eval_every") or 10 ** 6, save_total_limit=None, report_to=["jsonl"],
+                disable_tqdm=True, seed=seed + run_seed, ref_cache_dir=str(out / "ref-cache"),
             )
             trained = AutoModelForCausalLM.from_pretrained(train(cfg).output_dir).eval()
             r = {"method": method, "schedule": schedule, "scale": scale, "steps": steps, "run_seed": run_seed,
                  **evaluate(trained, tokenizer, conflicts, benigns)}
+            if size.get("eval_every"):
+                r["curve"] = [*_checkpoint_metrics(run_dir, model, tokenizer, conflicts, benigns),
+                              {"step": steps, **{k: r[k] for k in CURVE_KEYS}}]
             results["runs"].append(r)
             _say(t0, f"{method} (seed {run_seed}): adherence {r['adherence']:.1%}, "
                      f"over-refusal {r['over_refusal']:.1%}")
@@ -343,11 +357,53 @@ def _run(out: Path, size: dict, quick: bool, seed: int) -> dict:
     results["wall_s"] = round(time.time() - t0, 1)
     results["machine"] = f"{os.cpu_count()} CPU cores, torch on 1 thread"
     results["load_avg"] = os.getloadavg()[0]
-    results["command"] = ("dpokit experiment hierarchy" + (" --quick" if quick else "") + f" --out {out} --seed {seed}"
-                          + (f" --prompt-format {prompt_format}" if prompt_format != "text" else ""))
+    changed = [k for k, v in size.items() if k != "prompt_format" and (QUICK if quick else FULL).get(k) != v]
+    if changed:  # sizes the CLI cannot set: the rerun is a Python call
+        results["command"] = (f"hierarchy.run({str(out)!r}, quick={quick}, seed={seed}, prompt_format={prompt_format!r}, "
+                              + ", ".join(f"{k}={size[k]!r}" for k in changed) + ")")
+    else:
+        results["command"] = ("dpokit experiment hierarchy" + (" --quick" if quick else "") + f" --out {out} --seed {seed}"
+                              + (f" --prompt-format {prompt_format}" if prompt_format != "text" else ""))
     (out / "hierarchy.json").write_text(json.dumps(results, indent=2))
     print(format_table(results))
     return results
+
+
+CURVE_KEYS = ("adherence", "pairwise", "over_refusal", "over_refusal_single_by_level")
+
+
+def _checkpoint_metrics(run_dir: Path, warm_model, tokenizer, conflicts: list[dict], benigns: list[dict]) -> list[dict]:
+    """`evaluate`'s main numbers at each of a run's checkpoints (size key eval_every), oldest first; each
+    checkpoint is deleted once measured (its optimizer state is most of its size)."""
+    points = []
+    for folder in checkpoint.list_checkpoints(run_dir):
+        metrics = evaluate(checkpoint.policy_at(folder, warm_model), tokenizer, conflicts, benigns)
+        points.append({"step": int(folder.name.removeprefix("checkpoint-")), **{k: metrics[k] for k in CURVE_KEYS}})
+        shutil.rmtree(folder)
+    return points
+
+
+def summarize_curves(results: dict) -> dict:
+    """With eval_every: each method's mean adherence and over-refusal at each checkpoint, and, seed by seed,
+    how many of a GW-DPO run's checkpoints some plain-DPO checkpoint of the same seed matches or beats on both
+    counts, and the other way round. If the margin only acts like more training, GW-DPO's checkpoints lie on
+    plain DPO's curve and the two counts are alike; the goal needs GW-DPO's checkpoints above that curve."""
+    curves = {(r["method"], r["run_seed"]): r["curve"] for r in results["runs"] if "curve" in r}
+    by_step: dict[str, dict[str, list[float]]] = {}
+    for method in dict.fromkeys(m for m, _ in curves):
+        runs = [c for (m, _), c in curves.items() if m == method]
+        by_step[method] = {str(p["step"]): [sum(c[i][k] for c in runs) / len(runs) for k in ("adherence", "over_refusal")]
+                           for i, p in enumerate(runs[0])}
+    covers = lambda q, p: q["adherence"] >= p["adherence"] and q["over_refusal"] <= p["over_refusal"]  # noqa: E731
+    matched: dict[str, dict[str, int]] = {}
+    for (method, run_seed), gw in curves.items():
+        dpo = curves.get(("DPO", run_seed))
+        if method.startswith("GW") and dpo:
+            m = matched.setdefault(method, {"checkpoints": 0, "gw_covered_by_dpo": 0, "dpo_covered_by_gw": 0})
+            m["checkpoints"] += len(gw)
+            m["gw_covered_by_dpo"] += sum(any(covers(q, p) for q in dpo) for p in gw)
+            m["dpo_covered_by_gw"] += sum(any(covers(q, p) for q in gw) for p in dpo)
+    return {"by_step": by_step, "covered": matched}
 
 
 def summarize(results: dict) -> dict:
@@ -382,13 +438,32 @@ def summarize(results: dict) -> dict:
                 "adherence_diff_by_seed": paired(m, "adherence"),
                 "over_refusal_diff_by_seed": paired(m, "over_refusal")}
             for m, row in table.items() if m.startswith("GW") and dpo}
-    return {"table": table, "goal": goal}
+    return {"table": table, "goal": goal, **({"curves": summarize_curves(results)}
+                                             if any("curve" in r for r in results["runs"]) else {})}
 
 
 def _data_alone(row: dict) -> str:
     """Over-refusal on prompts whose one source is the lowest level (n/a in results from before it was kept)."""
     value = row.get("over_refusal_single_by_level", {}).get(HIERARCHY[0])
     return "n/a" if value is None else f"{value:.1%}"
+
+
+def curve_lines(results: dict) -> list[str]:
+    """Markdown for `summarize_curves` (empty without eval_every): adherence / over-refusal at a quarter, half,
+    three quarters and all of the training steps, and the checkpoint cover counts."""
+    curves = results["summary"].get("curves")
+    if not curves:
+        return []
+    steps = [int(k) for k in next(iter(curves["by_step"].values()))]
+    shown = [k for k in steps if k % max(steps[-1] // 4, 1) == 0]
+    lines = ["| model | " + " | ".join(f"{k} steps" for k in shown) + " |", "|---|" + "---:|" * len(shown)]
+    for method, row in curves["by_step"].items():
+        lines.append(f"| {method} | " + " | ".join(f"{row[str(k)][0]:.1%} / {row[str(k)][1]:.2%}" for k in shown) + " |")
+    lines += ["", "| model | checkpoints | GW-DPO's matched or beaten by a plain-DPO one | plain DPO's matched or beaten "
+                  "by a GW-DPO one |", "|---|---:|---:|---:|"]
+    for method, m in curves["covered"].items():
+        lines.append(f"| {method} | {m['checkpoints']} | {m['gw_covered_by_dpo']} | {m['dpo_covered_by_gw']} |")
+    return lines
 
 
 def format_table(results: dict) -> str:
@@ -407,7 +482,7 @@ def format_table(results: dict) -> str:
     for method, g in results["summary"]["goal"].items():
         lines.append(f"{method} − DPO: adherence {g['adherence_diff']:+.1%}, pairwise {g['pairwise_diff']:+.1%}, "
                      f"over-refusal {g['over_refusal_diff']:+.1%}")
-    return "\n".join(lines)
+    return "\n".join(lines + (["", *curve_lines(results)] if curve_lines(results) else []))
 
 
 def markdown_section(results: dict) -> str:
@@ -469,4 +544,8 @@ def markdown_section(results: dict) -> str:
                      f"{100 * g['over_refusal_diff']:+.2f} (per seed {rng(g['over_refusal_diff_by_seed'])}) — goal "
                      + ("met." if g["higher_adherence"] and g["no_more_over_refusal"] else "not met."))
     lines.append("")
+    if curve_lines(results):
+        lines += [f"Along training (checkpoints every {s['eval_every']} steps, each method's mean adherence / "
+                  "over-refusal over the seeds; then, seed by seed, how many checkpoints the other method matches "
+                  "or beats on both counts):", "", *curve_lines(results), ""]
     return "\n".join(lines)
