@@ -189,6 +189,14 @@ def policy_at(folder: Path, base_model: nn.Module) -> nn.Module:
     return model.eval()
 
 
+def drain_policies(root: Path, base_model: nn.Module):
+    """(step, `policy_at` its checkpoint) for each complete checkpoint under `root`, oldest first, for measuring a
+    run along training; each checkpoint is deleted once the caller moves on (its optimizer state is most of it)."""
+    for folder in list_checkpoints(root):
+        yield int(PATTERN.match(folder.name).group(1)), policy_at(folder, base_model)
+        shutil.rmtree(folder)
+
+
 def load(folder: Path, model: nn.Module, optimizer, scheduler, accelerator=None) -> dict:
     """Restore a checkpoint into every rank; returns the loop state. All ranks call this."""
     folder = Path(folder)

@@ -29,7 +29,6 @@ import json
 import math
 import os
 import random
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -212,14 +211,10 @@ def _train_and_measure(run: Run, data: Path, setup: Setup, size: dict, out: Path
         ref_cache_dir=str(out / "ref-cache"),
     )
     result = train(cfg)
-    models = [(int(p.name.split("-")[1]), p) for p in run_dir.glob("checkpoint-*")]
-    points = []
-    for step, path in sorted(models) + [(result.global_step, None)]:
-        model = checkpoint.policy_at(path, setup.sft) if path else AutoModelForCausalLM.from_pretrained(run_dir).eval()
-        points.append({**asdict(run), "step": step, **measure(model, setup, size["eval_samples"], seed + 2)})
-        if path:
-            shutil.rmtree(path)  # optimizer state and all: ~1 GB over a full run; the point is what is kept
-    return points
+    points = [{**asdict(run), "step": step, **measure(model, setup, size["eval_samples"], seed + 2)}
+              for step, model in checkpoint.drain_policies(run_dir, setup.sft)]
+    final = AutoModelForCausalLM.from_pretrained(run_dir).eval()
+    return points + [{**asdict(run), "step": result.global_step, **measure(final, setup, size["eval_samples"], seed + 2)}]
 
 
 def sft_optimum(setup: Setup, n: int, seed: int) -> list[dict]:

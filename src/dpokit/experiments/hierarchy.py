@@ -52,7 +52,6 @@ import itertools
 import json
 import os
 import random
-import shutil
 import time
 from pathlib import Path
 
@@ -347,8 +346,9 @@ def _run(out: Path, size: dict, quick: bool, seed: int) -> dict:
             r = {"method": method, "schedule": schedule, "scale": scale, "steps": steps, "run_seed": run_seed,
                  **evaluate(trained, tokenizer, conflicts, benigns)}
             if size.get("eval_every"):
-                r["curve"] = [*_checkpoint_metrics(run_dir, model, tokenizer, conflicts, benigns),
-                              {"step": steps, **{k: r[k] for k in CURVE_KEYS}}]
+                at = [(step, evaluate(policy, tokenizer, conflicts, benigns))
+                      for step, policy in checkpoint.drain_policies(run_dir, model)] + [(steps, r)]
+                r["curve"] = [{"step": step, **{k: m[k] for k in CURVE_KEYS}} for step, m in at]
             results["runs"].append(r)
             _say(t0, f"{method} (seed {run_seed}): adherence {r['adherence']:.1%}, "
                      f"over-refusal {r['over_refusal']:.1%}")
@@ -370,17 +370,6 @@ def _run(out: Path, size: dict, quick: bool, seed: int) -> dict:
 
 
 CURVE_KEYS = ("adherence", "pairwise", "over_refusal", "over_refusal_single_by_level")
-
-
-def _checkpoint_metrics(run_dir: Path, warm_model, tokenizer, conflicts: list[dict], benigns: list[dict]) -> list[dict]:
-    """`evaluate`'s main numbers at each of a run's checkpoints (size key eval_every), oldest first; each
-    checkpoint is deleted once measured (its optimizer state is most of its size)."""
-    points = []
-    for folder in checkpoint.list_checkpoints(run_dir):
-        metrics = evaluate(checkpoint.policy_at(folder, warm_model), tokenizer, conflicts, benigns)
-        points.append({"step": int(folder.name.removeprefix("checkpoint-")), **{k: metrics[k] for k in CURVE_KEYS}})
-        shutil.rmtree(folder)
-    return points
 
 
 def summarize_curves(results: dict) -> dict:
@@ -482,7 +471,8 @@ def format_table(results: dict) -> str:
     for method, g in results["summary"]["goal"].items():
         lines.append(f"{method} − DPO: adherence {g['adherence_diff']:+.1%}, pairwise {g['pairwise_diff']:+.1%}, "
                      f"over-refusal {g['over_refusal_diff']:+.1%}")
-    return "\n".join(lines + (["", *curve_lines(results)] if curve_lines(results) else []))
+    curve = curve_lines(results)
+    return "\n".join(lines + (["", *curve] if curve else []))
 
 
 def markdown_section(results: dict) -> str:
@@ -544,8 +534,9 @@ def markdown_section(results: dict) -> str:
                      f"{100 * g['over_refusal_diff']:+.2f} (per seed {rng(g['over_refusal_diff_by_seed'])}) — goal "
                      + ("met." if g["higher_adherence"] and g["no_more_over_refusal"] else "not met."))
     lines.append("")
-    if curve_lines(results):
+    curve = curve_lines(results)
+    if curve:
         lines += [f"Along training (checkpoints every {s['eval_every']} steps, each method's mean adherence / "
                   "over-refusal over the seeds; then, seed by seed, how many checkpoints the other method matches "
-                  "or beats on both counts):", "", *curve_lines(results), ""]
+                  "or beats on both counts):", "", *curve, ""]
     return "\n".join(lines)
