@@ -20,7 +20,9 @@ Steps:
 2. supervised warm-up (dpokit.demo.warm_up) on a model that knows the task's language but not the
    hierarchy: on a conflict it follows the first line, the second line or refuses (40/40/20), and
    it is over-cautious, refusing a fifth of the benign two-source prompts;
-3. preference pairs on conflicts over all ten pairs of levels: chosen = the higher source's word,
+3. preference pairs on conflicts over all ten pairs of levels (or, with the size key `max_train_gap`, only
+   those at most that far apart: the larger gaps are then met only in the held-out conflicts, a test of
+   whether the order learnt from near levels carries to far ones): chosen = the higher source's word,
    rejected = the lower one's, each row tagged with `privileged_level` / `conflicting_level`; and
    benign pairs (`benign_pairs`): chosen = the asked word, rejected = the refusal or another word,
    both levels the prompt's top source (no gap: GW-DPO's margin is 0 there), for every method alike
@@ -162,12 +164,14 @@ def warmup_rows(n: int, seed: int, over_refusal: float = 0.2, refusal: float = 0
     return rows
 
 
-def preference_rows(n: int, seed: int) -> list[dict]:
-    """Conflict pairs, levels drawn uniformly over the ten pairs: chosen obeys the higher source."""
+def preference_rows(n: int, seed: int, max_gap: int = len(HIERARCHY) - 1) -> list[dict]:
+    """Conflict pairs, levels drawn uniformly over the pairs of levels at most `max_gap` apart (all ten by
+    default): chosen obeys the higher source."""
     rng = random.Random(seed)
+    level_pairs = [(hi, lo) for hi, lo in LEVEL_PAIRS if hi - lo <= max_gap]
     rows = []
     for _ in range(n):
-        c = conflict(rng, *rng.choice(LEVEL_PAIRS))
+        c = conflict(rng, *rng.choice(level_pairs))
         rows.append({"prompt": c["prompt"], "chosen": c["higher"], "rejected": c["lower"],
                      "privileged_level": c["privileged_level"], "conflicting_level": c["conflicting_level"]})
     return rows
@@ -311,7 +315,7 @@ def _run(out: Path, size: dict, quick: bool, seed: int) -> dict:
     tokenizer.save_pretrained(warm_dir)
     _say(t0, f"warm-up: {size['warmup_steps']} steps on {len(warm)} rows, loss {loss:.3f}")
 
-    pairs = preference_rows(size["pairs"], seed + 1) + benign_pairs(
+    pairs = preference_rows(size["pairs"], seed + 1, size.get("max_train_gap", len(HIERARCHY) - 1)) + benign_pairs(
         size["benign_pairs"], seed + 3, reserved, data_alone_weight=size.get("data_alone_weight", 1.0))
     random.Random(seed + 4).shuffle(pairs)
     seen = {r["prompt"] for r in warm} | {r["prompt"] for r in pairs}
@@ -369,7 +373,7 @@ def _run(out: Path, size: dict, quick: bool, seed: int) -> dict:
     return results
 
 
-CURVE_KEYS = ("adherence", "pairwise", "over_refusal", "over_refusal_single_by_level")
+CURVE_KEYS = ("adherence", "adherence_by_gap", "pairwise", "over_refusal", "over_refusal_single_by_level")
 
 
 def summarize_curves(results: dict) -> dict:
@@ -395,6 +399,18 @@ def summarize_curves(results: dict) -> dict:
     return {"by_step": by_step, "covered": matched}
 
 
+def _held_out_gaps(sizes: dict) -> list[int]:
+    """The level gaps no training conflict has (size key `max_train_gap`)."""
+    return list(range(sizes.get("max_train_gap", len(HIERARCHY) - 1) + 1, len(HIERARCHY)))
+
+
+def held_out_gap_adherence(run: dict, gaps: list[int]) -> float:
+    """Adherence over the held-out conflicts at these gaps: each gap's mean weighted by its number of level
+    pairs (5 − gap), as every pair of levels has the same number of held-out conflicts."""
+    return (sum((len(HIERARCHY) - g) * run["adherence_by_gap"][str(g)] for g in gaps)
+            / sum(len(HIERARCHY) - g for g in gaps))
+
+
 def summarize(results: dict) -> dict:
     """Each method's metrics averaged over its training seeds, and the goal against plain DPO."""
     keys = ("adherence", "pairwise", "follows_lower", "refuses_conflict", "over_refusal", "over_refusal_two_sources",
@@ -412,6 +428,12 @@ def summarize(results: dict) -> dict:
         table[method] = row
         row["over_refusal_range"] = [min(r["over_refusal"] for r in runs), max(r["over_refusal"] for r in runs)]
     dpo = table.get("DPO")
+    gaps = _held_out_gaps(results["sizes"])
+    if gaps:  # `paired` and the goal read it like any other metric
+        for r in results["runs"]:
+            r["adherence_held_out_gaps"] = held_out_gap_adherence(r, gaps)
+        for method, row in table.items():
+            row["adherence_held_out_gaps"] = held_out_gap_adherence(row, gaps)
 
     def paired(method: str, key: str) -> list[float]:
         """Per-seed differences method − DPO (a seed gives both the same data order and initial state)."""
@@ -426,6 +448,8 @@ def summarize(results: dict) -> dict:
                 "over_refusal_diff": row["over_refusal"] - dpo["over_refusal"],
                 "adherence_diff_by_seed": paired(m, "adherence"),
                 "over_refusal_diff_by_seed": paired(m, "over_refusal")}
+            | ({"held_out_gaps_diff": row["adherence_held_out_gaps"] - dpo["adherence_held_out_gaps"],
+                "held_out_gaps_diff_by_seed": paired(m, "adherence_held_out_gaps")} if gaps else {})
             for m, row in table.items() if m.startswith("GW") and dpo}
     return {"table": table, "goal": goal, **({"curves": summarize_curves(results)}
                                              if any("curve" in r for r in results["runs"]) else {})}
@@ -470,7 +494,8 @@ def format_table(results: dict) -> str:
                      f"{row['greedy_over_refusal']:>12.1%}")
     for method, g in results["summary"]["goal"].items():
         lines.append(f"{method} − DPO: adherence {g['adherence_diff']:+.1%}, pairwise {g['pairwise_diff']:+.1%}, "
-                     f"over-refusal {g['over_refusal_diff']:+.1%}")
+                     f"over-refusal {g['over_refusal_diff']:+.1%}"
+                     + (f", held-out gaps {g['held_out_gaps_diff']:+.1%}" if "held_out_gaps_diff" in g else ""))
     curve = curve_lines(results)
     return "\n".join(lines + (["", *curve] if curve else []))
 
@@ -489,7 +514,9 @@ def markdown_section(results: dict) -> str:
         f"word — is an over-refusal. A {s['hidden']}-wide, {s['layers']}-layer Llama built from scratch is warmed "
         f"up ({s['warmup_steps']} steps, batch 64, {s['warmup_rows']} rows) to know the task's language but not "
         "the hierarchy: it follows the first line, the second line or refuses a conflict (40/40/20) and refuses a "
-        f"fifth of the benign two-source prompts. {s['pairs']} conflict pairs over all ten pairs of levels "
+        f"fifth of the benign two-source prompts. {s['pairs']} conflict pairs over "
+        + (f"the pairs of levels at most {s['max_train_gap']} apart (larger gaps only in the held-out conflicts)"
+           if _held_out_gaps(s) else "all ten pairs of levels") + " "
         "(chosen = the higher source's word, rejected = the lower one's) and "
         f"{s.get('benign_pairs', 0)} benign pairs (chosen = the asked word, rejected = the refusal or another "
         "word, half each; both levels the prompt's top source, so no gap and GW-DPO margin 0), shuffled together, "
@@ -531,7 +558,9 @@ def markdown_section(results: dict) -> str:
     for method, g in results["summary"]["goal"].items():
         lines.append(f"- {method} − plain DPO: adherence {100 * g['adherence_diff']:+.1f} points (per seed "
                      f"{rng(g['adherence_diff_by_seed'])}), pairwise {100 * g['pairwise_diff']:+.1f}, over-refusal "
-                     f"{100 * g['over_refusal_diff']:+.2f} (per seed {rng(g['over_refusal_diff_by_seed'])}) — goal "
+                     f"{100 * g['over_refusal_diff']:+.2f} (per seed {rng(g['over_refusal_diff_by_seed'])})"
+                     + (f", adherence at the held-out gaps {100 * g['held_out_gaps_diff']:+.1f} (per seed "
+                        f"{rng(g['held_out_gaps_diff_by_seed'])})" if "held_out_gaps_diff" in g else "") + " — goal "
                      + ("met." if g["higher_adherence"] and g["no_more_over_refusal"] else "not met."))
     lines.append("")
     curve = curve_lines(results)
