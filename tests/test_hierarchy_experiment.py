@@ -260,5 +260,9 @@ def test_max_train_gap_keeps_the_far_level_pairs_out_of_training_and_scores_them
     # seed 0: (2·0.9 + 0.3)/3 − (2·0.3 + 0.3)/3 = 0.4; seed 1: equal
     assert goal["GW-DPO linear ×1"]["held_out_gaps_diff_by_seed"] == pytest.approx([0.4, 0.0])
     assert goal["GW-DPO linear ×1"]["held_out_gaps_diff"] == pytest.approx(0.2)
+    curve = [{"step": 50, "adherence": 0.5, "over_refusal": 0.1, "adherence_by_gap": {"3": 0.6, "4": 0.9}}]
+    by_step = hy.summarize_curves({"sizes": {"max_train_gap": 2}, "runs": [{"method": "DPO", "run_seed": 0,
+                                                                             "curve": curve}]})["by_step"]
+    assert by_step["DPO"]["50"] == pytest.approx([0.5, 0.1, 0.7])
     assert "held_out_gaps_diff" not in hy.summarize({"sizes": {}, "models": {"warm-up": warm}, "runs": runs})["goal"][
         "GW-DPO linear ×1"]

@@ -377,15 +377,19 @@ CURVE_KEYS = ("adherence", "adherence_by_gap", "pairwise", "over_refusal", "over
 
 
 def summarize_curves(results: dict) -> dict:
-    """With eval_every: each method's mean adherence and over-refusal at each checkpoint, and, seed by seed,
+    """With eval_every: each method's mean adherence and over-refusal (and, with `max_train_gap`, adherence at the
+    held-out gaps) at each checkpoint, and, seed by seed,
     how many of a GW-DPO run's checkpoints some plain-DPO checkpoint of the same seed matches or beats on both
     counts, and the other way round. If the margin only acts like more training, GW-DPO's checkpoints lie on
     plain DPO's curve and the two counts are alike; the goal needs GW-DPO's checkpoints above that curve."""
     curves = {(r["method"], r["run_seed"]): r["curve"] for r in results["runs"] if "curve" in r}
+    gaps = _held_out_gaps(results.get("sizes", {}))
+    values = [lambda p: p["adherence"], lambda p: p["over_refusal"]] + (
+        [lambda p: held_out_gap_adherence(p, gaps)] if gaps else [])
     by_step: dict[str, dict[str, list[float]]] = {}
     for method in dict.fromkeys(m for m, _ in curves):
         runs = [c for (m, _), c in curves.items() if m == method]
-        by_step[method] = {str(p["step"]): [sum(c[i][k] for c in runs) / len(runs) for k in ("adherence", "over_refusal")]
+        by_step[method] = {str(p["step"]): [sum(value(c[i]) for c in runs) / len(runs) for value in values]
                            for i, p in enumerate(runs[0])}
     covers = lambda q, p: q["adherence"] >= p["adherence"] and q["over_refusal"] <= p["over_refusal"]  # noqa: E731
     matched: dict[str, dict[str, int]] = {}
@@ -462,7 +466,8 @@ def _data_alone(row: dict) -> str:
 
 
 def curve_lines(results: dict) -> list[str]:
-    """Markdown for `summarize_curves` (empty without eval_every): adherence / over-refusal at a quarter, half,
+    """Markdown for `summarize_curves` (empty without eval_every): adherence / over-refusal (/ adherence at the
+    held-out gaps) at a quarter, half,
     three quarters and all of the training steps, and the checkpoint cover counts."""
     curves = results["summary"].get("curves")
     if not curves:
@@ -471,7 +476,8 @@ def curve_lines(results: dict) -> list[str]:
     shown = [k for k in steps if k % max(steps[-1] // 4, 1) == 0]
     lines = ["| model | " + " | ".join(f"{k} steps" for k in shown) + " |", "|---|" + "---:|" * len(shown)]
     for method, row in curves["by_step"].items():
-        lines.append(f"| {method} | " + " | ".join(f"{row[str(k)][0]:.1%} / {row[str(k)][1]:.2%}" for k in shown) + " |")
+        lines.append(f"| {method} | " + " | ".join(" / ".join([f"{row[str(k)][0]:.1%}", f"{row[str(k)][1]:.2%}"]
+                                                            + [f"{x:.1%}" for x in row[str(k)][2:]]) for k in shown) + " |")
     lines += ["", "| model | checkpoints | GW-DPO's matched or beaten by a plain-DPO one | plain DPO's matched or beaten "
                   "by a GW-DPO one |", "|---|---:|---:|---:|"]
     for method, m in curves["covered"].items():
@@ -566,6 +572,7 @@ def markdown_section(results: dict) -> str:
     curve = curve_lines(results)
     if curve:
         lines += [f"Along training (checkpoints every {s['eval_every']} steps, each method's mean adherence / "
-                  "over-refusal over the seeds; then, seed by seed, how many checkpoints the other method matches "
+                  "over-refusal" + (" / adherence at the held-out gaps" if _held_out_gaps(s) else "")
+                  + " over the seeds; then, seed by seed, how many checkpoints the other method matches "
                   "or beats on both counts):", "", *curve, ""]
     return "\n".join(lines)
