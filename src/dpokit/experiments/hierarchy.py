@@ -86,6 +86,7 @@ PROMPT_FORMATS = ("text", "delimiters", "ise")
 DELIMITERS = [f"<|{name}|>" for name in HIERARCHY]
 REPLY_DELIMITER = "<|reply|>"
 LEVEL_PAIRS = [(hi, lo) for hi, lo in itertools.combinations(range(len(HIERARCHY), 0, -1), 2)]  # (higher, lower)
+MAX_GAP = len(HIERARCHY) - 1
 
 
 def render(lines: list[tuple[int, str]]) -> str:
@@ -164,7 +165,7 @@ def warmup_rows(n: int, seed: int, over_refusal: float = 0.2, refusal: float = 0
     return rows
 
 
-def preference_rows(n: int, seed: int, max_gap: int = len(HIERARCHY) - 1) -> list[dict]:
+def preference_rows(n: int, seed: int, max_gap: int = MAX_GAP) -> list[dict]:
     """Conflict pairs, levels drawn uniformly over the pairs of levels at most `max_gap` apart (all ten by
     default): chosen obeys the higher source."""
     rng = random.Random(seed)
@@ -315,7 +316,7 @@ def _run(out: Path, size: dict, quick: bool, seed: int) -> dict:
     tokenizer.save_pretrained(warm_dir)
     _say(t0, f"warm-up: {size['warmup_steps']} steps on {len(warm)} rows, loss {loss:.3f}")
 
-    pairs = preference_rows(size["pairs"], seed + 1, size.get("max_train_gap", len(HIERARCHY) - 1)) + benign_pairs(
+    pairs = preference_rows(size["pairs"], seed + 1, size.get("max_train_gap", MAX_GAP)) + benign_pairs(
         size["benign_pairs"], seed + 3, reserved, data_alone_weight=size.get("data_alone_weight", 1.0))
     random.Random(seed + 4).shuffle(pairs)
     seen = {r["prompt"] for r in warm} | {r["prompt"] for r in pairs}
@@ -405,7 +406,7 @@ def summarize_curves(results: dict) -> dict:
 
 def _held_out_gaps(sizes: dict) -> list[int]:
     """The level gaps no training conflict has (size key `max_train_gap`)."""
-    return list(range(sizes.get("max_train_gap", len(HIERARCHY) - 1) + 1, len(HIERARCHY)))
+    return list(range(sizes.get("max_train_gap", MAX_GAP) + 1, MAX_GAP + 1))
 
 
 def held_out_gap_adherence(run: dict, gaps: list[int]) -> float:
