@@ -55,6 +55,7 @@ import json
 import os
 import random
 import time
+from operator import itemgetter
 from pathlib import Path
 
 import torch
@@ -434,16 +435,13 @@ def summarize(results: dict) -> dict:
         row["over_refusal_range"] = [min(r["over_refusal"] for r in runs), max(r["over_refusal"] for r in runs)]
     dpo = table.get("DPO")
     gaps = _held_out_gaps(results["sizes"])
-    if gaps:  # `paired` and the goal read it like any other metric
-        for r in results["runs"]:
-            r["adherence_held_out_gaps"] = held_out_gap_adherence(r, gaps)
-        for method, row in table.items():
-            row["adherence_held_out_gaps"] = held_out_gap_adherence(row, gaps)
+    far = lambda r: held_out_gap_adherence(r, gaps)  # noqa: E731
 
-    def paired(method: str, key: str) -> list[float]:
-        """Per-seed differences method − DPO (a seed gives both the same data order and initial state)."""
-        base = {r["run_seed"]: r[key] for r in results["runs"] if r["method"] == "DPO"}
-        return [r[key] - base[r["run_seed"]] for r in results["runs"] if r["method"] == method
+    def paired(method: str, of) -> list[float]:
+        """Per-seed differences method − DPO in `of(run)` (a seed gives both the same data order and initial
+        state)."""
+        base = {r["run_seed"]: of(r) for r in results["runs"] if r["method"] == "DPO"}
+        return [of(r) - base[r["run_seed"]] for r in results["runs"] if r["method"] == method
                 and r["run_seed"] in base]
 
     goal = {m: {"higher_adherence": row["adherence"] > dpo["adherence"],
@@ -451,10 +449,10 @@ def summarize(results: dict) -> dict:
                 "adherence_diff": row["adherence"] - dpo["adherence"],
                 "pairwise_diff": row["pairwise"] - dpo["pairwise"],
                 "over_refusal_diff": row["over_refusal"] - dpo["over_refusal"],
-                "adherence_diff_by_seed": paired(m, "adherence"),
-                "over_refusal_diff_by_seed": paired(m, "over_refusal")}
-            | ({"held_out_gaps_diff": row["adherence_held_out_gaps"] - dpo["adherence_held_out_gaps"],
-                "held_out_gaps_diff_by_seed": paired(m, "adherence_held_out_gaps")} if gaps else {})
+                "adherence_diff_by_seed": paired(m, itemgetter("adherence")),
+                "over_refusal_diff_by_seed": paired(m, itemgetter("over_refusal"))}
+            | ({"held_out_gaps_diff": far(row) - far(dpo), "held_out_gaps_diff_by_seed": paired(m, far)}
+               if gaps else {})
             for m, row in table.items() if m.startswith("GW") and dpo}
     return {"table": table, "goal": goal, **({"curves": summarize_curves(results)}
                                              if any("curve" in r for r in results["runs"]) else {})}
