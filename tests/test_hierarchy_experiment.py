@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from dpokit.cli import main
 from dpokit.experiments import hierarchy as hy
+from dpokit.experiments import hierarchy_report as hr
 from dpokit.objectives import HIERARCHY
 from dpokit.recipes.hierarchy import hierarchy_margins
 from dpokit.segments import SegmentLlamaForCausalLM, segment_ids, with_segment_embeddings
@@ -232,7 +233,7 @@ def test_curve_summary_counts_checkpoints_the_other_method_matches_or_beats():
     runs = [{"method": "DPO", "run_seed": 0, "curve": dpo},
             {"method": "GW-DPO linear ×1", "run_seed": 0, "curve": curve((0.6, 0.03), (0.7, 0.02), (0.9, 0.05))},
             {"method": "GW-DPO linear ×0.1", "run_seed": 0, "curve": dpo}]
-    s = hy.summarize_curves({"runs": runs})
+    s = hr.summarize_curves({"runs": runs})
     # DPO's (0.7, 0.03) matches GW's (0.6, 0.03); GW's (0.7, 0.02) beats DPO's first two; nothing covers GW's
     # (0.9, 0.05) or DPO's (0.8, 0.04)
     assert s["covered"]["GW-DPO linear ×1"] == {"checkpoints": 3, "gw_covered_by_dpo": 1, "dpo_covered_by_gw": 2}
@@ -248,7 +249,7 @@ def test_max_train_gap_keeps_the_far_level_pairs_out_of_training_and_scores_them
     trained = [json.loads(line) for line in open(cfg.train_data)]
     assert max(HIERARCHY.index(r["privileged_level"]) - HIERARCHY.index(r["conflicting_level"]) for r in trained) == 2
     # gap 3 has two level pairs and gap 4 one, with the same number of held-out conflicts each
-    assert hy.held_out_gap_adherence({"adherence_by_gap": {"3": 0.6, "4": 0.9}}, [3, 4]) == pytest.approx(0.7)
+    assert hr.held_out_gap_adherence({"adherence_by_gap": {"3": 0.6, "4": 0.9}}, [3, 4]) == pytest.approx(0.7)
     runs = [{"method": m, "run_seed": k, "adherence": 0.5, "over_refusal": 0.1,
              "adherence_by_gap": {"1": 0.5, "2": 0.5, "3": a3, "4": 0.3}}
             for m, k, a3 in (("DPO", 0, 0.3), ("DPO", 1, 0.6), ("GW-DPO linear ×1", 0, 0.9), ("GW-DPO linear ×1", 1, 0.6))]
@@ -256,13 +257,13 @@ def test_max_train_gap_keeps_the_far_level_pairs_out_of_training_and_scores_them
         r |= {k: 0.0 for k in ("pairwise", "follows_lower", "refuses_conflict", "over_refusal_two_sources",
                                "refusal_benign", "greedy_adherence", "greedy_over_refusal")}
     warm = dict(runs[0], adherence_by_gap={str(g): 0.3 for g in range(1, 5)})
-    goal = hy.summarize({"sizes": {"max_train_gap": 2}, "models": {"warm-up": warm}, "runs": runs})["goal"]
+    goal = hr.summarize({"sizes": {"max_train_gap": 2}, "models": {"warm-up": warm}, "runs": runs})["goal"]
     # seed 0: (2·0.9 + 0.3)/3 − (2·0.3 + 0.3)/3 = 0.4; seed 1: equal
     assert goal["GW-DPO linear ×1"]["held_out_gaps_diff_by_seed"] == pytest.approx([0.4, 0.0])
     assert goal["GW-DPO linear ×1"]["held_out_gaps_diff"] == pytest.approx(0.2)
     curve = [{"step": 50, "adherence": 0.5, "over_refusal": 0.1, "adherence_by_gap": {"3": 0.6, "4": 0.9}}]
-    by_step = hy.summarize_curves({"sizes": {"max_train_gap": 2}, "runs": [{"method": "DPO", "run_seed": 0,
+    by_step = hr.summarize_curves({"sizes": {"max_train_gap": 2}, "runs": [{"method": "DPO", "run_seed": 0,
                                                                              "curve": curve}]})["by_step"]
     assert by_step["DPO"]["50"] == pytest.approx([0.5, 0.1, 0.7])
-    assert "held_out_gaps_diff" not in hy.summarize({"sizes": {}, "models": {"warm-up": warm}, "runs": runs})["goal"][
+    assert "held_out_gaps_diff" not in hr.summarize({"sizes": {}, "models": {"warm-up": warm}, "runs": runs})["goal"][
         "GW-DPO linear ×1"]

@@ -288,6 +288,7 @@ def orpo_loss(t: Terms, c: ObjectiveConfig) -> torch.Tensor:
 
 # Instruction sources from least to most trusted; level k is HIERARCHY[k - 1].
 HIERARCHY = ("data", "tool", "user", "system", "platform")
+MAX_GAP = len(HIERARCHY) - 1  # platform over data
 GW_SCHEDULES = ("linear", "bilateral")
 
 
