@@ -36,8 +36,8 @@ Steps:
    it, DPO on this task moves probability off both words onto malformed replies (likelihood
    displacement) before it learns the order, for every method.
    With the size key `eval_every`, every run also saves a checkpoint that often and `evaluate`s each one
-   (`curve` in the run's record, `hierarchy_report.summarize_curves`): whether GW-DPO's checkpoints lie above plain DPO's
-   adherence / over-refusal curve or on it, further along;
+   (`curve` in the run's record, `hierarchy_report.summarize_curves`): whether GW-DPO's checkpoints lie
+   above plain DPO's adherence / over-refusal curve or on it, further along;
 5. held-out conflicts (word pairs no training prompt uses) and distinct benign prompts set aside
    before the warm-up (`heldout_benign`; there are only 850 benign prompts and the warm-up would see
    nearly all of them): exact reply probabilities — adherence (π of the higher source's word; overall
