@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from dpokit.cli import main
 from dpokit.experiments import hierarchy as hy
+from dpokit.errors import DpokitError
 from dpokit.experiments import hierarchy_report as hr
 from dpokit.objectives import HIERARCHY
 from dpokit.recipes.hierarchy import hierarchy_margins
@@ -267,3 +268,34 @@ def test_max_train_gap_keeps_the_far_level_pairs_out_of_training_and_scores_them
     assert by_step["DPO"]["50"] == pytest.approx([0.5, 0.1, 0.7])
     assert "held_out_gaps_diff" not in hr.summarize({"sizes": {}, "models": {"warm-up": warm}, "runs": runs})["goal"][
         "GW-DPO linear ×1"]
+
+
+def test_merge_reads_runs_split_by_training_seed_as_one_and_refuses_what_does_not_fit(tmp_path):
+    def result(seeds, adherence_by_seed, scales=(1.0,)):
+        runs = [{"method": m, "run_seed": k, "adherence": a + (0.1 if m != "DPO" else 0.0), "over_refusal": 0.02,
+                 "adherence_by_gap": {str(g): a for g in range(1, 5)}}
+                for k, a in zip(seeds, adherence_by_seed) for m in ("DPO", "GW-DPO linear ×1")]
+        for r in runs:
+            r |= {k: 0.0 for k in ("pairwise", "follows_lower", "refuses_conflict", "over_refusal_two_sources",
+                                   "refusal_benign", "greedy_adherence", "greedy_over_refusal")}
+        warm = {k: v for k, v in runs[0].items() if k not in ("method", "run_seed")} | {
+            "adherence": 0.3, "adherence_by_gap": {str(g): 0.3 for g in range(1, 5)}}
+        return {"seed": 0, "quick": False, "sizes": {"seeds": list(seeds), "scales": list(scales)},
+                "models": {"warm-up": warm}, "runs": runs}
+
+    def write(name, res):
+        (tmp_path / name).write_text(json.dumps(res))
+        return tmp_path / name
+
+    a, b = write("a.json", result((0, 1), (0.5, 0.6))), write("b.json", result((2,), (0.9,)))
+    merged = hr.merge([a, b])
+    assert merged["sizes"]["seeds"] == [0, 1, 2]
+    assert merged["summary"]["table"]["DPO"]["adherence"] == pytest.approx((0.5 + 0.6 + 0.9) / 3)
+    assert merged["summary"]["goal"]["GW-DPO linear ×1"]["adherence_diff_by_seed"] == pytest.approx([0.1] * 3)
+    assert "above in 3/3 seeds" in hr.format_table(merged)
+    with pytest.raises(DpokitError, match="b.json: training seeds \\[0\\]"):
+        hr.merge([a, write("b.json", result((0,), (0.9,)))])
+    with pytest.raises(DpokitError, match="c.json: not the same experiment"):
+        hr.merge([a, write("c.json", result((3,), (0.9,), scales=(0.1,)))])
+    with pytest.raises(DpokitError, match="d.json: not a hierarchy result"):
+        hr.merge([a, write("d.json", {"runs": []})])

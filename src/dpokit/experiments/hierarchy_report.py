@@ -4,8 +4,11 @@ hierarchy.json holds."""
 
 from __future__ import annotations
 
+import json
 from operator import itemgetter
+from pathlib import Path
 
+from ..errors import DpokitError
 from ..objectives import HIERARCHY, MAX_GAP
 
 
@@ -129,8 +132,11 @@ def format_table(results: dict) -> str:
                      f"{row['over_refusal']:>14.1%}{_data_alone(row):>12}{row['greedy_adherence']:>13.1%}"
                      f"{row['greedy_over_refusal']:>12.1%}")
     for method, g in results["summary"]["goal"].items():
-        lines.append(f"{method} − DPO: adherence {g['adherence_diff']:+.1%}, pairwise {g['pairwise_diff']:+.1%}, "
-                     f"over-refusal {g['over_refusal_diff']:+.1%}"
+        above, n = sum(d > 0 for d in g["adherence_diff_by_seed"]), len(g["adherence_diff_by_seed"])
+        no_more = sum(d <= 0 for d in g["over_refusal_diff_by_seed"])
+        lines.append(f"{method} − DPO: adherence {g['adherence_diff']:+.2%} (above in {above}/{n} seeds), pairwise "
+                     f"{g['pairwise_diff']:+.1%}, over-refusal {g['over_refusal_diff']:+.2%} (at or below in "
+                     f"{no_more}/{n} seeds)"
                      + (f", held-out gaps {g['held_out_gaps_diff']:+.1%}" if "held_out_gaps_diff" in g else ""))
     curve = curve_lines(results)
     return "\n".join(lines + (["", *curve] if curve else []))
@@ -206,3 +212,35 @@ def markdown_section(results: dict) -> str:
                   + " over the seeds; then, seed by seed, how many checkpoints the other method matches "
                   "or beats on both counts):", "", *curve, ""]
     return "\n".join(lines)
+
+
+def merge(paths: list[str | Path]) -> dict:
+    """Several hierarchy.json files of one experiment run side by side, one set of training seeds each, as one
+    result with its summary recomputed, so that the per-seed comparisons span every seed. They must share the
+    experiment seed, every size but `seeds` and the warm-up's scores (hence the warm-up, the pairs and the
+    held-out prompts), and no training seed may be in two of them."""
+    loaded = []
+    for path in paths:
+        try:
+            result = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as e:
+            raise DpokitError(f"{path}: cannot read a hierarchy result ({e})") from None
+        if not isinstance(result, dict) or not {"seed", "sizes", "models", "runs"} <= result.keys():
+            raise DpokitError(f"{path}: not a hierarchy result (hierarchy.json has seed, sizes, models and runs)")
+        loaded.append((str(path), result))
+    first_path, first = loaded[0]
+    same = lambda r: (r["seed"], {k: v for k, v in r["sizes"].items() if k != "seeds"},  # noqa: E731
+                      r["models"]["warm-up"])
+    runs, seeds = list(first["runs"]), set(first["sizes"]["seeds"])
+    for path, other in loaded[1:]:
+        if same(other) != same(first):
+            raise DpokitError(f"{path}: not the same experiment as {first_path} (its seed, sizes other than seeds, "
+                              "or warm-up differ)")
+        if seeds & set(other["sizes"]["seeds"]):
+            raise DpokitError(f"{path}: training seeds {sorted(seeds & set(other['sizes']['seeds']))} are already "
+                              "in an earlier file")
+        runs += other["runs"]
+        seeds |= set(other["sizes"]["seeds"])
+    merged = {**first, "sizes": {**first["sizes"], "seeds": sorted(seeds)}, "runs": runs}
+    merged["summary"] = summarize(merged)
+    return merged
