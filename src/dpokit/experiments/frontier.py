@@ -25,6 +25,7 @@ its own section).
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -211,10 +212,9 @@ def _train_and_measure(run: Run, data: Path, setup: Setup, size: dict, out: Path
         ref_cache_dir=str(out / "ref-cache"),
     )
     result = train(cfg)
-    points = [{**asdict(run), "step": step, **measure(model, setup, size["eval_samples"], seed + 2)}
-              for step, model in checkpoint.drain_policies(run_dir, setup.sft)]
-    final = AutoModelForCausalLM.from_pretrained(run_dir).eval()
-    return points + [{**asdict(run), "step": result.global_step, **measure(final, setup, size["eval_samples"], seed + 2)}]
+    final = (result.global_step, AutoModelForCausalLM.from_pretrained(run_dir).eval())
+    return [{**asdict(run), "step": step, **measure(model, setup, size["eval_samples"], seed + 2)}
+            for step, model in itertools.chain(checkpoint.drain_policies(run_dir, setup.sft), [final])]
 
 
 def sft_optimum(setup: Setup, n: int, seed: int) -> list[dict]:

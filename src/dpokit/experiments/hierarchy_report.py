@@ -236,11 +236,11 @@ def merge(paths: list[str | Path]) -> dict:
         if same(other) != same(first):
             raise DpokitError(f"{path}: not the same experiment as {first_path} (its seed, sizes other than seeds, "
                               "or warm-up differ)")
-        if seeds & set(other["sizes"]["seeds"]):
-            raise DpokitError(f"{path}: training seeds {sorted(seeds & set(other['sizes']['seeds']))} are already "
-                              "in an earlier file")
+        theirs = set(other["sizes"]["seeds"])
+        if seeds & theirs:
+            raise DpokitError(f"{path}: training seeds {sorted(seeds & theirs)} are already in an earlier file")
         runs += other["runs"]
-        seeds |= set(other["sizes"]["seeds"])
+        seeds |= theirs
     merged = {**first, "sizes": {**first["sizes"], "seeds": sorted(seeds)}, "runs": runs}
     merged["summary"] = summarize(merged)
     return merged
