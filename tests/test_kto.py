@@ -14,7 +14,7 @@ import dpokit
 from dpokit.cli import main
 from dpokit.data import load_examples
 from dpokit.errors import DataError, DpokitError
-from dpokit.objectives import ObjectiveConfig, Terms, objective
+from dpokit.objectives import ObjectiveConfig, LossInputs, objective
 
 from conftest import QA
 
@@ -30,7 +30,7 @@ def _write(path, rows):
 
 def _terms(seed=0, B=6):
     g = torch.Generator().manual_seed(seed)
-    return Terms(policy_chosen=-torch.rand(B, generator=g) * 30, policy_rejected=-torch.rand(B, generator=g) * 30,
+    return LossInputs(policy_chosen=-torch.rand(B, generator=g) * 30, policy_rejected=-torch.rand(B, generator=g) * 30,
                  ref_chosen=-torch.rand(B, generator=g) * 30, ref_rejected=-torch.rand(B, generator=g) * 30,
                  chosen_len=torch.full((B,), 10.0), rejected_len=torch.full((B,), 10.0), margin=torch.zeros(B),
                  label=torch.tensor([True, False, True, True, False, False][:B]))

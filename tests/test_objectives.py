@@ -11,8 +11,8 @@ from dpokit.config import TrainConfig, load_config
 from dpokit.data import load_examples
 from dpokit.errors import DpokitError
 from dpokit.families.causal_lm import CausalLMScorer, collate
-from dpokit.objectives import (LOSSES, REFERENCE_FREE, ObjectiveConfig, Terms, check_losses, gw_margin,
-                               hierarchy_level, is_reference_free, objective)
+from dpokit.objectives import LOSSES, REFERENCE_FREE, LossInputs, ObjectiveConfig, check_losses, is_reference_free, objective
+from dpokit.recipes.hierarchy import gw_margin, hierarchy_level
 
 
 def _terms(seed=0, n=6, margin=None):
@@ -25,14 +25,14 @@ def _terms(seed=0, n=6, margin=None):
     rc = pc + torch.randn(n, generator=g) * 3
     rr = pr + torch.randn(n, generator=g) * 3
     m = torch.zeros(n) if margin is None else margin
-    return Terms(pc, pr, rc, rr, clen, rlen, m)
+    return LossInputs(pc, pr, rc, rr, clen, rlen, m)
 
 
 def _sig(x):
     return 1 / (1 + math.exp(-x))
 
 
-def _rows(t: Terms):
+def _rows(t: LossInputs):
     """Per-example python floats, so the oracles below share no code with the library."""
     keys = ("policy_chosen", "policy_rejected", "ref_chosen", "ref_rejected", "chosen_len", "rejected_len", "margin")
     return [dict(zip(keys, vals)) for vals in zip(*(getattr(t, k).tolist() for k in keys))]
@@ -106,7 +106,7 @@ def test_loss_matches_paper_formula(name):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-def _batch_nll(t: Terms) -> float:
+def _batch_nll(t: LossInputs) -> float:
     return -sum(t.policy_chosen.tolist()) / sum(t.chosen_len.tolist())
 
 
@@ -237,7 +237,7 @@ def trl_dpo(tokenizer, tmp_path_factory):
     batch = collate(load_examples(ROWS, tokenizer, None, None), tokenizer.pad_token_id)
     with torch.no_grad():
         p, r = CausalLMScorer(trainer.model)(batch), CausalLMScorer(trainer.ref_model)(batch)
-    terms = Terms(p.chosen, p.rejected, r.chosen, r.rejected, p.chosen_len, p.rejected_len, batch["margin"])
+    terms = LossInputs(p.chosen, p.rejected, r.chosen, r.rejected, p.chosen_len, p.rejected_len, batch["margin"])
     assert len(set(terms.chosen_len.tolist())) > 1  # lengths differ, so per-token normalisation matters
     return trainer, trl_batch, terms
 
@@ -278,7 +278,7 @@ def _trl_terms(trainer, batch):
     clen = (batch["chosen_labels"][:, 1:] != -100).sum(-1).float()
     rlen = (batch["rejected_labels"][:, 1:] != -100).sum(-1).float()
     zero = torch.zeros_like(clen)
-    return Terms(chosen_avg * clen, rejected_avg * rlen, zero, zero, clen, rlen, zero)
+    return LossInputs(chosen_avg * clen, rejected_avg * rlen, zero, zero, clen, rlen, zero)
 
 
 @pytest.mark.parametrize("cpo_alpha", [0.0, 1.0])
@@ -344,7 +344,7 @@ def test_simpo_training_loads_no_reference(tiny_model_dir, pairs_file, cache_dir
     with torch.no_grad():
         p = CausalLMScorer(model)(batch)
     zero = torch.zeros_like(p.chosen)
-    want, metrics = objective(Terms(p.chosen, p.rejected, zero, zero, p.chosen_len, p.rejected_len, zero),
+    want, metrics = objective(LossInputs(p.chosen, p.rejected, zero, zero, p.chosen_len, p.rejected_len, zero),
                               torch.ones(len(ROWS)), ["simpo"], None, ObjectiveConfig.from_config(cfg))
     assert result.history[0]["loss"] == pytest.approx(want.item(), rel=1e-4)
     assert result.history[0]["rewards/chosen"] == pytest.approx(metrics["rewards/chosen"].mean().item(), rel=1e-4)

@@ -8,7 +8,7 @@ import pytest
 from dpokit.cli import main
 from dpokit.data import load_examples, load_pairs
 from dpokit.errors import DataError, DpokitError
-from dpokit.objectives import gw_margin
+from dpokit.recipes.hierarchy import gw_margin
 from dpokit.recipes import (attack_success_rate, eval_items, hf_generator, hierarchy_margins, injection_pairs,
                             rankings_to_pairs, ratings_to_pairs, validate, votes_to_pairs)
 from dpokit.recipes.common import write_jsonl

@@ -15,7 +15,7 @@ from dpokit.cli import main
 from dpokit.data import Example, load_examples
 from dpokit.errors import DataError, DpokitError
 from dpokit.families.causal_lm import CausalLMScorer, collate
-from dpokit.objectives import ObjectiveConfig, Terms, objective
+from dpokit.objectives import ObjectiveConfig, LossInputs, objective
 from dpokit.recipes.rankings import rankings_to_pairs
 
 GROUPS = [
@@ -36,7 +36,7 @@ def _group_terms(seed=0, B=5, K=4):
     mask = torch.ones(B, K, dtype=torch.bool)
     mask[1, 2:] = False
     mask[3, 1:] = False
-    return Terms(policy_chosen=-torch.rand(B, generator=g) * 30, policy_rejected=-torch.rand(B, K, generator=g) * 30,
+    return LossInputs(policy_chosen=-torch.rand(B, generator=g) * 30, policy_rejected=-torch.rand(B, K, generator=g) * 30,
                  ref_chosen=-torch.rand(B, generator=g) * 30, ref_rejected=-torch.rand(B, K, generator=g) * 30,
                  chosen_len=torch.full((B,), 10.0), rejected_len=torch.full((B, K), 10.0),
                  margin=torch.rand(B, generator=g), rejected_mask=mask)
@@ -75,7 +75,7 @@ def test_padded_slots_change_nothing():
 def test_one_rejected_is_dpo_exactly():
     t = _group_terms(seed=3, K=1)
     t.rejected_mask = None
-    pairs = Terms(t.policy_chosen, t.policy_rejected[:, 0], t.ref_chosen, t.ref_rejected[:, 0], t.chosen_len,
+    pairs = LossInputs(t.policy_chosen, t.policy_rejected[:, 0], t.ref_chosen, t.ref_rejected[:, 0], t.chosen_len,
                   t.rejected_len[:, 0], t.margin)
     for cfg in (ObjectiveConfig(beta=0.1), ObjectiveConfig(beta=2.5)):
         sdpo, _ = objective(t, torch.ones(5), ["sdpo"], None, cfg)

@@ -259,7 +259,7 @@ def test_reference_free(tiny_model_dir, pairs_file, tmp_path):
     cfg = _cfg(tmp_path, tiny_model_dir, pairs_file, max_steps=1, per_device_train_batch_size=8,
                reference_free=True)
     loop = Loop(cfg)
-    assert loop.reference.free and loop.ref_train is None
+    assert loop.reference.reference_free and loop.ref_train is None
     row = loop.run().history[0]
     assert row["rewards/chosen"] == pytest.approx(cfg.beta * row["logps/chosen"], rel=1e-6)
 

@@ -2,9 +2,9 @@
 
 from .config import TrainConfig, load_config
 from .errors import DataError, DpokitError
-from .objectives import LOSSES, ObjectiveConfig, Terms, objective, register
+from .objectives import LOSSES, ObjectiveConfig, LossInputs, objective, register
 from .train import TrainResult, train
 
 __version__ = "0.1.0"
 __all__ = ["TrainConfig", "load_config", "train", "TrainResult", "DpokitError", "DataError", "LOSSES",
-           "ObjectiveConfig", "Terms", "objective", "register"]
+           "ObjectiveConfig", "LossInputs", "objective", "register"]

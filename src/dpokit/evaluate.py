@@ -31,7 +31,7 @@ from .config import TrainConfig, load_config
 from .data import Example, Pair, RowProblem, read_rows, split_implicit_prompt, tokenize_pair
 from .errors import DataError, DpokitError
 from .families import get_family
-from .objectives import ObjectiveConfig, Terms, objective
+from .objectives import ObjectiveConfig, LossInputs, objective
 from .reference import Reference
 
 log = logging.getLogger("dpokit")
@@ -121,7 +121,7 @@ def load_models(model: str | Path, ref_model: str | None = None, beta: float | N
 
 def _terms_and_reference(batch, scorer, ref: Reference):
     terms = scorer(batch)
-    if ref.free:
+    if ref.reference_free:
         ref_c, ref_r = (torch.zeros_like(x, dtype=torch.float32) for x in (terms.chosen, terms.rejected))
     else:
         ref_c, ref_r = ref.logps(batch)
@@ -140,7 +140,7 @@ def preference_eval(models: Models, data: Any, batch_size: int | None = None, pr
     counts: dict[str, int] = {}  # unpaired data: chosen/rejected metrics cover only their own class
     for _, batch in models.batches(examples, batch_size, "eval", progress):
         terms, ref_c, ref_r = _terms_and_reference(batch, scorer, ref)
-        t = Terms(terms.chosen.float(), terms.rejected.float(), ref_c, ref_r, terms.chosen_len, terms.rejected_len,
+        t = LossInputs(terms.chosen.float(), terms.rejected.float(), ref_c, ref_r, terms.chosen_len, terms.rejected_len,
                   batch["margin"], label=batch.get("label"), rejected_mask=batch.get("rejected_mask"))
         _, metrics = objective(t, batch["weight"], cfg.loss_types, cfg.loss_weights, obj_cfg)
         for k, v in metrics.items():
@@ -207,7 +207,7 @@ def score_responses(models: Models, source: Any, batch_size: int | None = None, 
         terms, ref_c, _ = _terms_and_reference(batch, scorer, ref)
         for i in range(len(chunk)):
             logp, n = terms.chosen[i].float().item(), int(terms.chosen_len[i].item())
-            if ref.free:
+            if ref.reference_free:
                 reward, ref_logp = beta * logp / max(n, 1), None
             else:
                 ref_logp = ref_c[i].item()

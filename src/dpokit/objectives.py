@@ -1,6 +1,6 @@
 """Preference objectives: pure tensor functions, log-likelihood terms in, loss and metrics out.
 
-Every loss reads a `Terms` (per-example policy and reference log-likelihoods, lengths,
+Every loss reads a `LossInputs` (per-example policy and reference log-likelihoods, lengths,
 margins) and returns a per-example loss of shape [batch]. `objective` combines the chosen
 losses with their weights, applies per-pair weights, and computes the metrics under TRL's
 names. Adding a loss is one function with `@register("name")`.
@@ -31,7 +31,7 @@ from .errors import DpokitError
 
 
 @dataclass
-class Terms:
+class LossInputs:
     policy_chosen: torch.Tensor
     policy_rejected: torch.Tensor
     ref_chosen: torch.Tensor
@@ -95,7 +95,7 @@ class ObjectiveConfig:
         return cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls) if hasattr(cfg, f.name)})
 
 
-LossFn = Callable[[Terms, ObjectiveConfig], torch.Tensor]
+LossFn = Callable[[LossInputs, ObjectiveConfig], torch.Tensor]
 LOSSES: dict[str, LossFn] = {}
 REFERENCE_FREE: set[str] = set()  # losses that never read the reference log-likelihoods
 NO_MARGIN: set[str] = set()  # pairwise losses with no place for a per-pair margin
@@ -119,7 +119,7 @@ def is_reference_free(loss_types: list[str]) -> bool:
     return bool(loss_types) and all(name in REFERENCE_FREE for name in loss_types)
 
 
-def _dpo_logits(t: Terms, c: ObjectiveConfig) -> torch.Tensor:
+def _dpo_logits(t: LossInputs, c: ObjectiveConfig) -> torch.Tensor:
     return c.beta * (t.chosen_logratios - t.rejected_logratios) - t.margin
 
 
@@ -127,7 +127,7 @@ def _smoothed(z: torch.Tensor, eps: float) -> torch.Tensor:
     return -(1 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z)
 
 
-def _nll(t: Terms) -> torch.Tensor:
+def _nll(t: LossInputs) -> torch.Tensor:
     """Per-example share of the chosen replies' token-mean NLL over the batch.
 
     The mean of these values over the batch is −Σ_i log π(y_w,i|x_i) / Σ_i |y_w,i|: the
@@ -146,7 +146,7 @@ def _log1mexp(x: torch.Tensor) -> torch.Tensor:
 
 
 @register("sigmoid")
-def sigmoid_loss(t: Terms, c: ObjectiveConfig) -> torch.Tensor:
+def sigmoid_loss(t: LossInputs, c: ObjectiveConfig) -> torch.Tensor:
     """DPO (Rafailov et al. 2023): −log σ(β(Δ_w − Δ_l) − m). With label_smoothing ε > 0 this is
     conservative DPO (cDPO): the label is trusted with probability 1 − ε. A margin m makes it
     ODPO (Amini et al. 2024): the chosen reply must win by m."""
@@ -154,7 +154,7 @@ def sigmoid_loss(t: Terms, c: ObjectiveConfig) -> torch.Tensor:
 
 
 @register("robust")
-def robust_loss(t: Terms, c: ObjectiveConfig) -> torch.Tensor:
+def robust_loss(t: LossInputs, c: ObjectiveConfig) -> torch.Tensor:
     """Robust DPO (Chowdhury et al. 2024): unbiased under labels flipped with probability ε."""
     z = _dpo_logits(t, c)
     eps = c.label_smoothing
@@ -162,20 +162,20 @@ def robust_loss(t: Terms, c: ObjectiveConfig) -> torch.Tensor:
 
 
 @register("hinge")
-def hinge_loss(t: Terms, c: ObjectiveConfig) -> torch.Tensor:
+def hinge_loss(t: LossInputs, c: ObjectiveConfig) -> torch.Tensor:
     """SLiC-HF calibration loss (Zhao et al. 2023): max(0, 1 − (β(Δ_w − Δ_l) − m))."""
     return torch.relu(1 - _dpo_logits(t, c))
 
 
 @register("ipo")
-def ipo_loss(t: Terms, c: ObjectiveConfig) -> torch.Tensor:
+def ipo_loss(t: LossInputs, c: ObjectiveConfig) -> torch.Tensor:
     """IPO (Azar et al. 2023), eq. 17, on per-token-averaged log-ratios (as TRL and the IPO authors use)."""
     delta = t.chosen_logratios / t.chosen_len.clamp(min=1) - t.rejected_logratios / t.rejected_len.clamp(min=1)
     return (delta - t.margin - 1 / (2 * c.beta)) ** 2
 
 
 @register("exo_pair")
-def exo_pair_loss(t: Terms, c: ObjectiveConfig) -> torch.Tensor:
+def exo_pair_loss(t: LossInputs, c: ObjectiveConfig) -> torch.Tensor:
     """EXO (Ji et al. 2024, eq. 16, K = 2): KL(p_θ ‖ p_label) with p_θ = softmax over the pair of
     β·Δ and p_label = (1 − ε, ε), ε = label_smoothing > 0. With z = β(Δ_w − Δ_l) − m:
     σ(z)(log σ(z) − log(1 − ε)) + σ(−z)(log σ(−z) − log ε)."""
@@ -186,7 +186,7 @@ def exo_pair_loss(t: Terms, c: ObjectiveConfig) -> torch.Tensor:
 
 
 @register("nca_pair", margin=False)
-def nca_pair_loss(t: Terms, c: ObjectiveConfig) -> torch.Tensor:
+def nca_pair_loss(t: LossInputs, c: ObjectiveConfig) -> torch.Tensor:
     """NCA (Chen et al. 2024, pairwise): −log σ(βΔ_w) − ½ log σ(−βΔ_w) − ½ log σ(−βΔ_l).
     Each reply's reward is judged on its own, so the chosen reply's likelihood is pushed up."""
     rw, rl = c.beta * t.chosen_logratios, c.beta * t.rejected_logratios
@@ -194,7 +194,7 @@ def nca_pair_loss(t: Terms, c: ObjectiveConfig) -> torch.Tensor:
 
 
 @register("bco_pair", margin=False)
-def bco_pair_loss(t: Terms, c: ObjectiveConfig) -> torch.Tensor:
+def bco_pair_loss(t: LossInputs, c: ObjectiveConfig) -> torch.Tensor:
     """BCO (Jung et al. 2024), paired form as TRL's `bco_pair`: a binary classifier whose logit is
     the implicit reward, chosen labelled 1 and rejected 0: −log σ(βΔ_w) − log σ(−βΔ_l). (The
     paper's running reward shift δ is left out, as in TRL's DPOTrainer.)"""
@@ -202,14 +202,14 @@ def bco_pair_loss(t: Terms, c: ObjectiveConfig) -> torch.Tensor:
 
 
 @register("apo_zero", margin=False)
-def apo_zero_loss(t: Terms, c: ObjectiveConfig) -> torch.Tensor:
+def apo_zero_loss(t: LossInputs, c: ObjectiveConfig) -> torch.Tensor:
     """APO-zero (D'Oosterlinck et al. 2024, eq. 7): 1 − σ(βΔ_w) + σ(βΔ_l). Raises the chosen
     likelihood and lowers the rejected: for chosen replies better than the model's own."""
     return 1 - torch.sigmoid(c.beta * t.chosen_logratios) + torch.sigmoid(c.beta * t.rejected_logratios)
 
 
 @register("apo_down", margin=False)
-def apo_down_loss(t: Terms, c: ObjectiveConfig) -> torch.Tensor:
+def apo_down_loss(t: LossInputs, c: ObjectiveConfig) -> torch.Tensor:
     """APO-down (eq. 8): σ(βΔ_w) + 1 − σ(β(Δ_w − Δ_l)). Lowers both, the rejected more: for
     chosen replies worse than the model's own."""
     return torch.sigmoid(c.beta * t.chosen_logratios) + 1 - torch.sigmoid(
@@ -217,7 +217,7 @@ def apo_down_loss(t: Terms, c: ObjectiveConfig) -> torch.Tensor:
 
 
 @register("sdpo", data=("pairs", "groups"))
-def sdpo_loss(t: Terms, c: ObjectiveConfig) -> torch.Tensor:
+def sdpo_loss(t: LossInputs, c: ObjectiveConfig) -> torch.Tensor:
     """S-DPO (Chen et al. 2024, "On Softmax Direct Preference Optimization for Recommendation", eq. 12):
     −log σ(−log Σ_j exp(β(Δ_j − Δ_w) + m)) over the K rejected replies j of the prompt, a softmax
     over the negatives (Plackett–Luce with the chosen on top). With K = 1 it is DPO's sigmoid loss."""
@@ -231,7 +231,7 @@ def sdpo_loss(t: Terms, c: ObjectiveConfig) -> torch.Tensor:
 # ---------------------------------------------------------------- unpaired losses (KTO)
 
 
-def kto_kl(t: Terms) -> torch.Tensor:
+def kto_kl(t: LossInputs) -> torch.Tensor:
     """KTO's reference point z0 = max(0, mean over the batch of log π(y'|x) − log π_ref(y'|x)) on
     mismatched pairs (x, y'), detached (Ethayarajh et al. 2024, §4.1; TRL's KTOTrainer). TRL also
     averages it over processes; here it is the micro-batch's own."""
@@ -239,7 +239,7 @@ def kto_kl(t: Terms) -> torch.Tensor:
 
 
 @register("kto", margin=False, data=("unpaired",))
-def kto_loss(t: Terms, c: ObjectiveConfig) -> torch.Tensor:
+def kto_loss(t: LossInputs, c: ObjectiveConfig) -> torch.Tensor:
     """KTO (Ethayarajh et al. 2024, eqs. 7–8), as TRL's KTOTrainer `kto`: with r = Δ of the completion
     and z0 = `kto_kl`, a desirable completion costs λ_D·(1 − σ(β(r − z0))), an undesirable one
     λ_U·(1 − σ(β(z0 − r))); λ_D = desirable_weight, λ_U = undesirable_weight."""
@@ -249,7 +249,7 @@ def kto_loss(t: Terms, c: ObjectiveConfig) -> torch.Tensor:
 
 
 @register("apo_zero_unpaired", margin=False, data=("unpaired",))
-def apo_zero_unpaired_loss(t: Terms, c: ObjectiveConfig) -> torch.Tensor:
+def apo_zero_unpaired_loss(t: LossInputs, c: ObjectiveConfig) -> torch.Tensor:
     """APO-zero, unpaired (D'Oosterlinck et al. 2024; TRL KTOTrainer's `apo_zero_unpaired`): a desirable
     completion costs λ_D·(1 − σ(βr)), an undesirable one λ_U·σ(βr); no KL reference point."""
     r = c.beta * t.chosen_logratios
@@ -260,14 +260,14 @@ def apo_zero_unpaired_loss(t: Terms, c: ObjectiveConfig) -> torch.Tensor:
 
 
 @register("sft", reference_free=True, margin=False, data=("pairs", "groups"))
-def sft_loss(t: Terms, c: ObjectiveConfig) -> torch.Tensor:
+def sft_loss(t: LossInputs, c: ObjectiveConfig) -> torch.Tensor:
     """NLL of the chosen replies, per token over the batch (TRL DPO's `sft`). Combined with DPO
     (`loss_type: [sigmoid, sft]`, `loss_weights: [1, α]`) it is RPO; `rpo_alpha` is shorthand."""
     return _nll(t)
 
 
 @register("simpo", reference_free=True)
-def simpo_loss(t: Terms, c: ObjectiveConfig) -> torch.Tensor:
+def simpo_loss(t: LossInputs, c: ObjectiveConfig) -> torch.Tensor:
     """SimPO (Meng et al. 2024, eq. 6), reference-free: −log σ(β·(log π(y_w|x)/|y_w| −
     log π(y_l|x)/|y_l|) − γ − m), γ = simpo_gamma; label_smoothing as in TRL's CPOTrainer."""
     z = c.beta * (t.chosen_avg - t.rejected_avg) - c.simpo_gamma - t.margin
@@ -275,59 +275,13 @@ def simpo_loss(t: Terms, c: ObjectiveConfig) -> torch.Tensor:
 
 
 @register("orpo", reference_free=True, margin=False)
-def orpo_loss(t: Terms, c: ObjectiveConfig) -> torch.Tensor:
+def orpo_loss(t: LossInputs, c: ObjectiveConfig) -> torch.Tensor:
     """ORPO (Hong et al. 2024, eqs. 6–7): NLL(y_w) − λ log σ(log odds(y_w) − log odds(y_l)),
     odds(y) = P/(1 − P) with P = exp of the per-token log-likelihood; λ = beta (TRL ORPOConfig).
     The NLL is per token over the batch's chosen replies: the authors' `disable_prompt_loss`
     variant. TRL's ORPOTrainer (like the authors' default) also counts the prompt tokens."""
     log_odds = (t.chosen_avg - t.rejected_avg) - (_log1mexp(t.chosen_avg) - _log1mexp(t.rejected_avg))
     return _nll(t) - c.beta * F.logsigmoid(log_odds)
-
-
-# ---------------------------------------------------------------- instruction hierarchy (GW-DPO)
-
-# Instruction sources from least to most trusted; level k is HIERARCHY[k - 1].
-HIERARCHY = ("data", "tool", "user", "system", "platform")
-MAX_GAP = len(HIERARCHY) - 1  # platform over data
-GW_SCHEDULES = ("linear", "bilateral")
-
-
-def hierarchy_level(value, levels: int = len(HIERARCHY)) -> int:
-    """A source's trust level, 1 (least) … `levels` (most): an integer, or (with the default five
-    levels) a name from HIERARCHY."""
-    if isinstance(value, str) and value.strip().lower() in HIERARCHY and levels == len(HIERARCHY):
-        return HIERARCHY.index(value.strip().lower()) + 1
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= levels:
-        raise ValueError(f"a level must be an integer in 1..{levels} or one of {', '.join(HIERARCHY)}; got {value!r}")
-    return value
-
-
-def gw_margin(privileged, conflicting, schedule: str = "linear", scale: float = 1.0,
-              levels: int = len(HIERARCHY)) -> float:
-    """Per-pair offset for gravity-weighted DPO (GW-DPO, Bolliger & Jäger 2026, arXiv 2606.10860).
-
-    A pair comes from a conflict between two instruction sources: the chosen reply obeys the
-    `privileged` source (the victim an injection tries to override), the rejected reply obeys
-    the `conflicting`, less trusted one. The paper scales DPO's per-sample offset with the
-    structural distance between the levels, under a linear schedule or a bilateral one that
-    also weighs the privilege of the victim level. dpokit's explicit reading, with
-    gap = privileged − conflicting ≥ 1 and K = `levels`:
-
-        linear:     m = scale · gap
-        bilateral:  m = scale · gap · privileged / K
-
-    so the bilateral offset equals the linear one when the top level is the victim and
-    shrinks for humbler victims. m is in reward units, the ODPO offset of the `sigmoid` loss:
-    −log σ(β(Δ_w − Δ_l) − m). Not checked against the paper's own equations.
-    """
-    p, q = hierarchy_level(privileged, levels), hierarchy_level(conflicting, levels)
-    if p <= q:
-        raise ValueError(f"the privileged level ({p}) must be above the conflicting level ({q})")
-    if schedule == "linear":
-        return scale * (p - q)
-    if schedule == "bilateral":
-        return scale * (p - q) * p / levels
-    raise ValueError(f"unknown GW-DPO schedule {schedule!r}; known: {', '.join(GW_SCHEDULES)}")
 
 
 # ---------------------------------------------------------------- combining
@@ -371,7 +325,7 @@ def check_data(loss_types: list[str], kind: str, rpo_alpha: float | None = None,
                           "must be >= 2 (as in TRL)")
 
 
-def objective(terms: Terms, weight: torch.Tensor, loss_types: list[str], loss_weights: list[float] | None,
+def objective(terms: LossInputs, weight: torch.Tensor, loss_types: list[str], loss_weights: list[float] | None,
               config: ObjectiveConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Scalar loss and per-example metrics (each [batch], detached) under TRL's names.
 
@@ -431,7 +385,7 @@ def objective(terms: Terms, weight: torch.Tensor, loss_types: list[str], loss_we
     return loss, metrics
 
 
-def logit_metrics(terms: Terms, chosen_logits: torch.Tensor | None,
+def logit_metrics(terms: LossInputs, chosen_logits: torch.Tensor | None,
                   rejected_logits: torch.Tensor | None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """TRL's `logits/chosen` and `logits/rejected`: the mean logit over every completion token, so each
     completion's mean logit comes with its token count as weight. Desirable and undesirable completions

@@ -26,8 +26,8 @@ from . import checkpoint
 from .config import TrainConfig
 from .errors import DpokitError
 from .families import get_family
-from .data import data_kind
-from .objectives import ObjectiveConfig, Terms, check_data, check_losses, logit_metrics, objective
+from .families.base import data_kind
+from .objectives import ObjectiveConfig, LossInputs, check_data, check_losses, logit_metrics, objective
 from .reference import build_reference, cache_path, check_sync, sync_reference
 from .sinks import make_sinks
 
@@ -161,12 +161,12 @@ class Loop:
         # The reference is chosen (and its cache key read) while the policy still holds its starting weights,
         # unsharded; the policy's own log-probs are scored after `prepare`, through the wrapped model.
         self.reference = build_reference(cfg, self.family, self.model, self.acc.device)
-        if not self.reference.free and self.reference.scorer.model is not self.model:
+        if not self.reference.reference_free and self.reference.scorer.model is not self.model:
             self.reference.scorer.to(self.acc.device)  # a separate model or a frozen copy
         if cfg.sync_ref_model:
             self._check_sync()
         ref_keys = {}
-        if not self.reference.free and cfg.precompute_ref_log_probs:
+        if not self.reference.reference_free and cfg.precompute_ref_log_probs:
             ref_keys = {"train": cache_path(cfg, self.reference, self.train_examples)}
             if self.eval_examples:
                 ref_keys["eval"] = cache_path(cfg, self.reference, self.eval_examples)
@@ -216,7 +216,7 @@ class Loop:
 
     def _check_sync(self) -> None:
         """TR-DPO mixes the policy into a reference held in memory: one it can write to."""
-        if self.reference.free:
+        if self.reference.reference_free:
             raise DpokitError("sync_ref_model needs a reference model, and every loss here is reference-free")
         if self.cfg.lora is not None:
             raise DpokitError("sync_ref_model is not supported with lora (the reference is the base model with the "
@@ -332,7 +332,7 @@ class Loop:
             ref_c, ref_r = torch.zeros_like(terms.chosen), torch.zeros_like(terms.rejected)
         else:
             ref_c, ref_r = self._reference_logps(batch)
-        t = Terms(terms.chosen.float(), terms.rejected.float(), ref_c, ref_r, terms.chosen_len, terms.rejected_len,
+        t = LossInputs(terms.chosen.float(), terms.rejected.float(), ref_c, ref_r, terms.chosen_len, terms.rejected_len,
                   batch["margin"], label=batch.get("label"), rejected_mask=batch.get("rejected_mask"))
         loss, metrics = objective(t, batch["weight"], self.cfg.loss_types, self.cfg.loss_weights, self.obj_cfg)
         metrics.update(logit_metrics(t, terms.chosen_logits, terms.rejected_logits))

@@ -41,12 +41,9 @@ class Example:
         """The rejected replies' ids, one list each (a pair has one)."""
         return self.rejected_ids if self.is_group else [self.rejected_ids]
 
-
-def data_kind(examples: list[Example]) -> str:
-    """"pairs", "groups" (several rejected per prompt) or "unpaired" (labelled completions)."""
-    if examples and examples[0].label is not None:
-        return "unpaired"
-    return "groups" if any(ex.is_group for ex in examples) else "pairs"
+    @property
+    def n_rejected(self) -> int:
+        return len(self.negatives)
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

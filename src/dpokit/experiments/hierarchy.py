@@ -30,7 +30,7 @@ Steps:
 4. the same pairs, the same β, learning rate, steps and seed, trained with `dpokit.train` (sigmoid
    loss unless the size's `loss_type` says otherwise, e.g. "ipo", whose margin shifts its target;
    warm-up model as reference): plain DPO (no margin) and GW-DPO, whose per-pair margin comes
-   from the hierarchy recipe (`hierarchy_margins`, i.e. `objectives.gw_margin`) under the linear and
+   from the hierarchy recipe (`hierarchy_margins`, i.e. `recipes.hierarchy.gw_margin`) under the linear and
    the bilateral schedule, at each margin scale asked for; and, as a control, plain DPO trained for
    `control_steps`. Every method gets the same NLL term on the chosen reply (`rpo_alpha`): without
    it, DPO on this task moves probability off both words onto malformed replies (likelihood
@@ -63,7 +63,7 @@ from .. import checkpoint
 from ..config import TrainConfig
 from ..data import load_examples
 from ..demo import pair_logps, warm_up
-from ..objectives import HIERARCHY, MAX_GAP
+from ..recipes.hierarchy import HIERARCHY, MAX_GAP
 from ..recipes.hierarchy import hierarchy_margins
 from ..recipes.common import write_jsonl
 from ..segments import with_segment_embeddings

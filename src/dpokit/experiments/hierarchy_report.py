@@ -9,7 +9,7 @@ from operator import itemgetter
 from pathlib import Path
 
 from ..errors import DpokitError
-from ..objectives import HIERARCHY, MAX_GAP
+from ..recipes.hierarchy import HIERARCHY, MAX_GAP
 
 
 def summarize_curves(results: dict) -> dict:
@@ -166,7 +166,7 @@ def markdown_section(results: dict) -> str:
         f"β = {s['beta']}, learning rate {s['dpo_lr']:g}, {s['dpo_steps']} steps of 32 pairs and seeds "
         f"(`dpokit.train`, {s.get('loss_type', 'sigmoid')} loss, the warm-up model as reference, and for every "
         f"method the NLL of the chosen reply with weight rpo_alpha = {s['rpo_alpha']}); GW-DPO's per-pair margin "
-        "comes from the `hierarchy` recipe (`objectives.gw_margin`): linear m = scale·gap, bilateral "
+        "comes from the `hierarchy` recipe (`recipes.hierarchy.gw_margin`): linear m = scale·gap, bilateral "
         "m = scale·gap·p/5 (p the privileged level, gap = p − conflicting level), at scales "
         f"{', '.join(f'{x:g}' for x in s['scales'])}. "
         + (f"Control: plain DPO trained for {', '.join(str(n) for n in s['control_steps'])} steps — GW-DPO's "

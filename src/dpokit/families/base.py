@@ -1,51 +1,194 @@
-"""What a model family is.
+"""The model-family contract: everything shared code may know about a kind of model.
 
-A family turns validated examples into batches and a batch into per-example
-log-likelihood terms, for the policy and for the reference. The loop and the objectives
-never see tokens, pixels or actions: only `LogpTerms`. A new kind of model (diffusion,
-control policy, recommender, vision-language) is one new module implementing `ModelFamily`;
-see docs/architecture.md.
+A family turns rows into validated examples, examples into batches, and a batch into
+per-example scores (`Scores`) for the policy and, through the same scorer, the reference.
+The loop, the reference cache, the objectives and evaluation read only what this module
+names: the `Example` protocol, the batch keys in `BATCH_KEYS`, `Scores`, and the attributes
+and methods of `Family`. A new kind of model (diffusion, control policy, recommender,
+vision-language) is one module under `dpokit/families/` that subclasses `Family`; see
+docs/architecture.md ("The family contract").
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, ContextManager, Protocol, Sequence
 
 import torch
 from torch import nn
 
+from ..errors import DpokitError
+
+# What kind of number a family's score is. A loss that needs a true probability (ORPO's log(1 − p),
+# SimPO's per-unit average) refuses the others, in one line (objectives.check_likelihood).
+LIKELIHOODS = {
+    "exact": "an exact log-probability (a sum of log-probabilities of discrete units)",
+    "density": "a log-density (continuous outputs: not bounded above by 0)",
+    "surrogate": "a surrogate of the log-likelihood (e.g. the diffusion ELBO term)",
+}
+
+# Optional capabilities, and who needs them.
+CAPABILITIES = {
+    "sample": "sample outputs for prompts (sample eval, online DPO, the judge recipe)",
+    "load_trained": "load a trained model back for eval and score",
+}
+
+# Batch keys the loop reads; everything else in a batch is the family's own.
+BATCH_KEYS = {
+    "weight": "[B] float, the example's weight",
+    "margin": "[B] float, the chosen output must win by this much (ODPO)",
+    "label": "[B] bool, unpaired data only: whether the output is desirable",
+    "rejected_mask": "[B, K] bool, S-DPO groups only: which of the K rejected slots hold an output",
+}
+
+
+class Example(Protocol):
+    """What shared code may read from an example, and nothing else. The rest (token ids, pixels,
+    actions, item ids) is the family's own."""
+
+    weight: float
+    margin: float
+    label: bool | None  # unpaired (KTO) data: desirable or not; None for pairs and groups
+
+    @property
+    def is_group(self) -> bool:
+        """An S-DPO group: several rejected outputs, scored as [B, K]."""
+
+    @property
+    def n_rejected(self) -> int:
+        """How many rejected outputs the example holds (1 for a pair and for an unpaired item's mismatch)."""
+
+
+def data_kind(examples: Sequence[Example]) -> str:
+    """"pairs", "groups" (several rejected per prompt) or "unpaired" (labelled outputs)."""
+    if len(examples) and examples[0].label is not None:
+        return "unpaired"
+    return "groups" if any(ex.is_group for ex in examples) else "pairs"
+
 
 @dataclass
-class LogpTerms:
-    """Per-example log-likelihood terms, each of shape [batch]; the rejected ones are [batch, K] for
-    S-DPO groups (K rejected replies per prompt; the batch's `rejected_mask` marks the slots in use)."""
+class Scores:
+    """A scorer's output for a batch: per-example log-likelihood terms, each of shape [B]; the rejected ones
+    are [B, K] for S-DPO groups. For a stochastic family they are one draw's (e.g. the negative denoising
+    error at one timestep and noise)."""
 
-    chosen: torch.Tensor  # log p(y_w | x), summed over the completion
+    chosen: torch.Tensor  # log p(y_w | x), summed over the output's units
     rejected: torch.Tensor  # log p(y_l | x)
-    chosen_len: torch.Tensor  # units the sums run over (tokens, denoising steps, actions, ...)
+    chosen_len: torch.Tensor  # units the sums run over (tokens, actions, 1 for a single score, ...)
     rejected_len: torch.Tensor
-    chosen_logits: torch.Tensor | None = None  # mean logit, for TRL's logits/* metrics; detached
+    chosen_logits: torch.Tensor | None = None  # mean logit, for TRL's logits/* metrics; detached; optional
     rejected_logits: torch.Tensor | None = None
 
 
-class ModelFamily(Protocol):
-    name: str
+class Scorer(nn.Module):
+    """batch → Scores. The loop trains this module (DDP/FSDP wrap it whole), scores the reference through
+    it, and reads `.model`: the family's model, whose parameters are trained, switched to adapters off and
+    saved."""
+
+    model: nn.Module
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> Scores:  # pragma: no cover - the contract
+        raise NotImplementedError
+
+
+class Family:
+    """Base class of every model family: the required methods raise, the rest are defaults a family may
+    override. Attributes:
+
+    - `name`: what `family:` in the config says.
+    - `likelihood`: a key of `LIKELIHOODS`.
+    - `stochastic`: the score draws fresh noise per batch. The family draws it in `collate`, so that the
+      policy and the reference score the same draw; the loop never caches reference scores for it.
+    - `config_class`: a dataclass of the family's own config keys (flat in the YAML beside the shared ones;
+      an unknown key is one line, exit 2), read back with `family.settings(cfg)`; None when it has none.
+    - `capabilities`: which of `CAPABILITIES` it offers.
+    """
+
+    name: str = ""
+    likelihood: str = "exact"
+    stochastic: bool = False
+    config_class: type | None = None
+    capabilities: frozenset[str] = frozenset()
+
+    # ------------------------------------------------------------ required
 
     def load_policy(self, cfg) -> tuple[nn.Module, Any]:
-        """The trainable model and its processor (tokenizer, image processor, ...)."""
+        """The trainable model (plain, or with peft adapters when `cfg.lora` is set) and its processor
+        (tokenizer, image processor, item vocabulary, ... or None)."""
+        raise NotImplementedError
 
     def load_model(self, path: str, cfg) -> nn.Module:
-        """A frozen model from a path, for a separate reference."""
+        """A frozen model from a path, for a separate reference (`ref_model`)."""
+        raise NotImplementedError
 
-    def examples(self, source: Any, processor: Any, cfg) -> list:
-        """Rows from a file or dataset → validated, encoded examples (DataError on bad rows)."""
+    def examples(self, source: Any, processor: Any, cfg) -> Sequence[Example]:
+        """Rows from a file or dataset → validated examples (DataError naming file, row and problem). Any
+        sequence: a lazy one (len and indexing) where the data does not fit in memory."""
+        raise NotImplementedError
 
     def collate(self, examples: list, cfg, processor: Any) -> dict[str, torch.Tensor]:
-        """Examples → one batch of tensors; it must carry `weight` and `margin` of shape [batch]."""
+        """Examples → one batch of tensors, with the `BATCH_KEYS` that apply and anything of the family's."""
+        raise NotImplementedError
 
-    def scorer(self, model: nn.Module, cfg) -> nn.Module:
-        """A module whose forward(batch) returns LogpTerms; the loop trains this module."""
+    def scorer(self, model: nn.Module, cfg) -> Scorer:
+        """A `Scorer` around `model`."""
+        raise NotImplementedError
+
+    def fingerprint(self, examples: Sequence[Example]) -> str:
+        """A digest of everything in the examples that changes a score (token ids, pixels, actions, item ids,
+        weights aside), for the reference cache's key. Required of a deterministic family."""
+        raise NotImplementedError
 
     def save(self, model: nn.Module, processor: Any, path: str, merge_lora: bool = False) -> None:
-        """Write the model in its library's own format."""
+        """The model in its library's own format, safetensors."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------ defaults
+
+    def adapters_off(self, model: nn.Module) -> ContextManager:
+        """Within this context `model` computes as its base weights (the reference of a LoRA run).
+        Default: peft's `disable_adapter`."""
+        off = getattr(model, "disable_adapter", None)
+        if off is None:
+            raise DpokitError(f"family {self.name!r}: the model has no adapters to switch off (lora is not set)")
+        return off()
+
+    def settings(self, cfg) -> Any:
+        """The family's own config keys as its `config_class` instance (None when it has none)."""
+        if self.config_class is None:
+            return None
+        return self.config_class(**getattr(cfg, "family_config", {}))
+
+    def require(self, capability: str, needed_by: str) -> None:
+        """One clear line when a capability is missing."""
+        if capability not in CAPABILITIES:
+            raise ValueError(f"unknown capability {capability!r}")
+        if capability not in self.capabilities:
+            raise DpokitError(f"{needed_by} needs a family that can {CAPABILITIES[capability]}; family "
+                              f"{self.name!r} cannot")
+
+    # ------------------------------------------------------------ optional capabilities
+
+    def sample(self, model: nn.Module, processor: Any, prompts: Sequence, **settings) -> list:
+        """Capability "sample": outputs for each prompt."""
+        self.require("sample", "sampling")
+
+    def load_trained(self, path: str, cfg=None) -> tuple[nn.Module, Any]:
+        """Capability "load_trained": a saved model and its processor, frozen, for eval and score."""
+        self.require("load_trained", "loading a trained model")
+
+
+def digest(*parts: bytes) -> str:
+    """A short hex digest of byte strings, for fingerprints."""
+    h = hashlib.blake2b(digest_size=16)
+    for part in parts:
+        h.update(len(part).to_bytes(8, "little"))
+        h.update(part)
+    return h.hexdigest()
+
+
+def config_fields(family: Family) -> dict[str, dataclasses.Field]:
+    """The family's own config keys by name."""
+    return {f.name: f for f in dataclasses.fields(family.config_class)} if family.config_class else {}

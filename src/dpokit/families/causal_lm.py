@@ -28,7 +28,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..data import Example, load_examples
 from ..errors import DpokitError
-from .base import LogpTerms
+from .base import Scores
 
 log = logging.getLogger("dpokit")
 
@@ -363,7 +363,7 @@ def _token_logps(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, s
 
 
 class CausalLMScorer(nn.Module):
-    """batch → LogpTerms. Holds the model as a submodule so DDP/FSDP wrap the whole computation."""
+    """batch → Scores. Holds the model as a submodule so DDP/FSDP wrap the whole computation."""
 
     def __init__(self, model: nn.Module, chunk_size: int = 1024):
         super().__init__()
@@ -394,7 +394,7 @@ class CausalLMScorer(nn.Module):
         return decoder(input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=mask,
                        use_cache=False, dpokit_blocks=blocks).last_hidden_state
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> LogpTerms:
+    def forward(self, batch: dict[str, torch.Tensor]) -> Scores:
         decoder, head, scale, softcap = self._parts()
         hidden = self._decode(decoder, batch)
         hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch["pred_index"])
@@ -419,7 +419,7 @@ class CausalLMScorer(nn.Module):
         mean_logits = logit_sums / counts.clamp(min=1)
         # rejected terms: [B] for pairs, [B, K] for S-DPO groups
         shape = (B, K) if "rejected_mask" in batch else (B,)
-        return LogpTerms(sums[:B], sums[B:].view(shape), counts[:B], counts[B:].view(shape), mean_logits[:B],
+        return Scores(sums[:B], sums[B:].view(shape), counts[:B], counts[B:].view(shape), mean_logits[:B],
                          mean_logits[B:].view(shape))
 
 

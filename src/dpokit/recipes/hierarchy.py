@@ -9,7 +9,7 @@ instruction sources:
 `privileged_level` is the source the chosen reply obeys (the victim an injection tries to
 override); `conflicting_level` is the less trusted source the rejected reply obeys. Levels
 are 1 (least trusted) … K, or the names data < tool < user < system < platform (1…5). Each
-row is written back with `margin` = `dpokit.objectives.gw_margin(...)` under the `linear` or
+row is written back with `margin` = `gw_margin(...)` (below) under the `linear` or
 `bilateral` schedule (see there for the formulas); train it with the `sigmoid` loss, whose
 margin is the ODPO offset. A row that already has a margin is an error.
 
@@ -24,8 +24,51 @@ from typing import Any
 
 from ..data import RowProblem
 from ..errors import DpokitError
-from ..objectives import GW_SCHEDULES, HIERARCHY, gw_margin, hierarchy_level
 from .common import Built, at_row, raw_rows
+
+# Instruction sources from least to most trusted; level k is HIERARCHY[k - 1].
+HIERARCHY = ("data", "tool", "user", "system", "platform")
+MAX_GAP = len(HIERARCHY) - 1  # platform over data
+GW_SCHEDULES = ("linear", "bilateral")
+
+
+def hierarchy_level(value, levels: int = len(HIERARCHY)) -> int:
+    """A source's trust level, 1 (least) … `levels` (most): an integer, or (with the default five
+    levels) a name from HIERARCHY."""
+    if isinstance(value, str) and value.strip().lower() in HIERARCHY and levels == len(HIERARCHY):
+        return HIERARCHY.index(value.strip().lower()) + 1
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= levels:
+        raise ValueError(f"a level must be an integer in 1..{levels} or one of {', '.join(HIERARCHY)}; got {value!r}")
+    return value
+
+
+def gw_margin(privileged, conflicting, schedule: str = "linear", scale: float = 1.0,
+              levels: int = len(HIERARCHY)) -> float:
+    """Per-pair offset for gravity-weighted DPO (GW-DPO, Bolliger & Jäger 2026, arXiv 2606.10860).
+
+    A pair comes from a conflict between two instruction sources: the chosen reply obeys the
+    `privileged` source (the victim an injection tries to override), the rejected reply obeys
+    the `conflicting`, less trusted one. The paper scales DPO's per-sample offset with the
+    structural distance between the levels, under a linear schedule or a bilateral one that
+    also weighs the privilege of the victim level. dpokit's explicit reading, with
+    gap = privileged − conflicting ≥ 1 and K = `levels`:
+
+        linear:     m = scale · gap
+        bilateral:  m = scale · gap · privileged / K
+
+    so the bilateral offset equals the linear one when the top level is the victim and
+    shrinks for humbler victims. m is in reward units, the ODPO offset of the `sigmoid` loss:
+    −log σ(β(Δ_w − Δ_l) − m). Not checked against the paper's own equations.
+    """
+    p, q = hierarchy_level(privileged, levels), hierarchy_level(conflicting, levels)
+    if p <= q:
+        raise ValueError(f"the privileged level ({p}) must be above the conflicting level ({q})")
+    if schedule == "linear":
+        return scale * (p - q)
+    if schedule == "bilateral":
+        return scale * (p - q) * p / levels
+    raise ValueError(f"unknown GW-DPO schedule {schedule!r}; known: {', '.join(GW_SCHEDULES)}")
+
 
 NAME = "hierarchy"
 HELP = "rows with privileged_level / conflicting_level → GW-DPO margins (linear or bilateral schedule)"
