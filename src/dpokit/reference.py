@@ -20,14 +20,16 @@ import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable, ContextManager
 
 import torch
 from torch import nn
 
 from .errors import DpokitError
+from .objectives import LossInputs
 
 log = logging.getLogger("dpokit")
-CACHE_VERSION = b"dpokit-ref-logps-v2"  # v2: weights hashed tensor by tensor
+CACHE_VERSION = b"dpokit-ref-logps-v3"  # v3: the family fingerprints its examples
 
 
 # Config keys that never change a log-prob: names, versions, generation and output switches.
@@ -60,44 +62,53 @@ def weights_fingerprint(model: nn.Module, skip_lora: bool = False) -> str:
     return h.hexdigest()
 
 
-def examples_fingerprint(examples: list) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    for ex in examples:
-        if ex.is_group:  # a group of one caches [N, 1] where a pair caches [N]: they must not share a key
-            h.update(b"group" + len(ex.negatives).to_bytes(4, "little"))
-        for ids in (ex.prompt_ids, ex.chosen_ids, *ex.negatives):
-            h.update(len(ids).to_bytes(4, "little"))
-            h.update(torch.tensor(ids, dtype=torch.int64).numpy().tobytes())
-    return h.hexdigest()
-
-
 class Reference:
-    """Reference log-probs for a batch, from whichever source the config names."""
+    """The one way reference scores are computed, in training and in evaluation.
 
-    def __init__(self, scorer: nn.Module | None, adapter_off: bool = False):
-        self.scorer = scorer  # a family scorer around the reference weights; None when reference-free
-        self.adapter_off = adapter_off
+    `scorer` is a family scorer around the reference weights (None when reference-free);
+    `adapters_off`, when set, is a callable giving the context in which the scorer's model
+    computes as its base weights (the reference of a LoRA run: the policy's own scorer).
+    """
+
+    def __init__(self, scorer: nn.Module | None, adapters_off: Callable[[], ContextManager] | None = None):
+        self.scorer = scorer
+        self.adapters_off = adapters_off
 
     @property
-    def free(self) -> bool:
+    def reference_free(self) -> bool:
         return self.scorer is None
 
-    def _context(self):
-        if self.adapter_off:
-            return self.scorer.model.disable_adapter()
-        return contextlib.nullcontext()
+    @property
+    def model(self) -> nn.Module:
+        return _unwrap(self.scorer).model
 
     @torch.no_grad()
-    def logps(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    def scores(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reference log-likelihood terms (chosen, rejected) of a batch, fp32, in eval mode. A stochastic
+        family's batch carries its draw, so this scores the policy's draw."""
         was_training = self.scorer.training
         self.scorer.eval()
-        with self._context():
+        with self.adapters_off() if self.adapters_off else contextlib.nullcontext():
             terms = self.scorer(batch)
         self.scorer.train(was_training)
         return terms.chosen.float(), terms.rejected.float()
 
     def fingerprint(self) -> str:
-        return weights_fingerprint(self.scorer.model, skip_lora=self.adapter_off)
+        return weights_fingerprint(self.model, skip_lora=self.adapters_off is not None)
+
+
+def _unwrap(module: nn.Module) -> nn.Module:
+    """The scorer inside a DDP/accelerate wrapper."""
+    return getattr(module, "module", module)
+
+
+def loss_inputs(scores, ref: tuple[torch.Tensor, torch.Tensor] | None, batch: dict) -> LossInputs:
+    """The one place a batch's policy scores and reference scores become the objective's input; `ref` None
+    means reference-free (zeros)."""
+    chosen, rejected = scores.chosen.float(), scores.rejected.float()
+    ref_c, ref_r = ref if ref is not None else (torch.zeros_like(chosen), torch.zeros_like(rejected))
+    return LossInputs(chosen, rejected, ref_c, ref_r, scores.chosen_len, scores.rejected_len, batch["margin"],
+                      label=batch.get("label"), rejected_mask=batch.get("rejected_mask"))
 
 
 @torch.no_grad()
@@ -129,7 +140,7 @@ def build_reference(cfg, family, policy_model: nn.Module, device) -> Reference:
         model = family.load_model(cfg.ref_model, cfg).to(device)
         return Reference(family.scorer(model, cfg))
     if cfg.lora is not None:
-        return Reference(family.scorer(policy_model, cfg), adapter_off=True)
+        return Reference(family.scorer(policy_model, cfg), adapters_off=lambda: family.adapters_off(policy_model))
     if cfg.precompute_ref_log_probs:
         # Before the first step the policy *is* the reference: score with it, keep no copy.
         return Reference(family.scorer(policy_model, cfg))
@@ -144,11 +155,14 @@ def _bf16_autocast(cfg) -> bool:
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
-def cache_path(cfg, reference: Reference, examples: list) -> Path:
+def cache_path(cfg, family, reference: Reference, examples) -> Path:
+    """Where the reference scores of `examples` are cached: a key made from the reference's weights and
+    config, the family's fingerprint of the examples, the dtype and the loop's autocast."""
     root = Path(cfg.ref_cache_dir or os.environ.get("DPOKIT_CACHE", Path.home() / ".cache" / "dpokit")) / "ref-logps"
     h = hashlib.blake2b(CACHE_VERSION, digest_size=16)
     h.update(reference.fingerprint().encode())
-    h.update(examples_fingerprint(examples).encode())
+    h.update(family.name.encode())
+    h.update(family.fingerprint(examples).encode())
     h.update(cfg.dtype.encode())
     h.update(f"bf16-autocast={_bf16_autocast(cfg)}".encode())  # the loop's mixed precision changes log-probs too
     return root / f"{h.hexdigest()}.safetensors"

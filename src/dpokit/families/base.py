@@ -123,6 +123,10 @@ class Family:
         """A frozen model from a path, for a separate reference (`ref_model`)."""
         raise NotImplementedError
 
+    def load_processor(self, path: str, cfg) -> Any:
+        """The processor saved at a path (tokenizer, image processor, ...; None when the family has none)."""
+        raise NotImplementedError
+
     def examples(self, source: Any, processor: Any, cfg) -> Sequence[Example]:
         """Rows from a file or dataset → validated examples (DataError naming file, row and problem). Any
         sequence: a lazy one (len and indexing) where the data does not fit in memory."""

@@ -28,7 +28,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..data import Example, load_examples
 from ..errors import DpokitError
-from .base import Scores
+from .base import Family, Scores, digest
 
 log = logging.getLogger("dpokit")
 
@@ -426,8 +426,20 @@ class CausalLMScorer(nn.Module):
 # ---------------------------------------------------------------- the family
 
 
-class CausalLMFamily:
+class CausalLMFamily(Family):
     name = "causal_lm"
+    likelihood = "exact"
+
+    def fingerprint(self, examples) -> str:
+        """Token ids of every prompt and output; a group's size too (a group of one caches [N, 1] where a
+        pair caches [N], so they must not share a key)."""
+        parts = []
+        for ex in examples:
+            if ex.is_group:
+                parts.append(b"group" + len(ex.negatives).to_bytes(4, "little"))
+            parts.extend(torch.tensor(ids, dtype=torch.int64).numpy().tobytes()
+                         for ids in (ex.prompt_ids, ex.chosen_ids, *ex.negatives))
+        return digest(*parts)
 
     def load_policy(self, cfg):
         if not cfg.model:
@@ -437,6 +449,9 @@ class CausalLMFamily:
         if cfg.lora is not None:
             model = apply_lora(model, cfg.lora)
         return model, tokenizer
+
+    def load_processor(self, path, cfg):
+        return load_tokenizer(path, cfg)
 
     def load_model(self, path, cfg):
         model = load_model(path, cfg)
