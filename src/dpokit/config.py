@@ -54,7 +54,6 @@ class TrainConfig:
     # --- data (TRL names) ---
     max_length: int | None = 1024
     max_prompt_length: int | None = 512
-    dataset_num_proc: int | None = None
     # --- logging and checkpoints (TRL names) ---
     output_dir: str = "runs/dpo"
     logging_steps: int = 10
@@ -77,6 +76,7 @@ class TrainConfig:
     train_data: str = ""
     eval_data: str | None = None
     family: str = "causal_lm"
+    family_config: dict[str, Any] = field(default_factory=dict)  # the family's own keys (flat in the YAML)
     lora: dict[str, Any] | None = None  # peft LoraConfig keys, e.g. {r: 16, lora_alpha: 32}
     merge_lora: bool = False
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16: weights as loaded
@@ -120,13 +120,17 @@ class TrainConfig:
         for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps"):
             if getattr(self, name) < 1:
                 raise DpokitError(f"{name} must be >= 1, got {getattr(self, name)}")
+        self.family_config = _check_family_keys(self.family, self.family_config)
 
     @property
     def loss_types(self) -> list[str]:
         return [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Every key, the family's own flat beside the shared ones (as a config file holds them)."""
+        values = dataclasses.asdict(self)
+        own = values.pop("family_config")
+        return {**values, **own}
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
@@ -164,17 +168,50 @@ def load_config(path: str | Path | None, overrides: list[str] = (), **extra: Any
             raise DpokitError(f"override {item!r} is not of the form key=value")
         values[key.strip()] = _parse_value(value)
     values.update(extra)
-    known = {f.name: f for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(values) - set(known))
+    for key, why in DROPPED.items():
+        if key in values:
+            raise DpokitError(f"config key {key!r} is not used by dpokit ({why}); remove it")
+    known = {f.name: f for f in dataclasses.fields(TrainConfig) if f.name != "family_config"}
+    family_keys = _family_fields(values.get("family", TrainConfig.family))
+    unknown = sorted(set(values) - set(known) - set(family_keys))
     if unknown:
-        raise DpokitError(f"unknown config key(s): {', '.join(unknown)}")
-    for key, value in values.items():
-        values[key] = _check_type(key, value, known[key])
-    return TrainConfig(**values)
+        family = values.get("family", TrainConfig.family)
+        own = f" (family {family!r} adds: {', '.join(family_keys)})" if family_keys else ""
+        raise DpokitError(f"unknown config key(s): {', '.join(unknown)}{own}")
+    shared = {k: _check_type(k, v, known[k]) for k, v in values.items() if k in known}
+    return TrainConfig(**shared, family_config={k: v for k, v in values.items() if k in family_keys})
+
+
+# TRL keys with no counterpart here: one line saying why, rather than "unknown".
+DROPPED = {"dataset_num_proc": "rows are encoded in one process as they are read; the loop never waits on it"}
+
+
+def _family_fields(name: str) -> dict[str, dataclasses.Field]:
+    from .families import get_family
+    from .families.base import config_fields
+
+    return config_fields(get_family(name))
+
+
+def _check_family_keys(name: str, values: dict[str, Any]) -> dict[str, Any]:
+    """The family's own keys, each checked like a shared one; the family's config class validates the rest."""
+    fields = _family_fields(name)
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise DpokitError(f"unknown config key(s) for family {name!r}: {', '.join(unknown)}"
+                          + (f" (it has: {', '.join(fields)})" if fields else " (it has none of its own)"))
+    checked = {k: _check_type(k, v, fields[k]) for k, v in values.items()}
+    if fields:
+        from .families import get_family
+
+        get_family(name).config_class(**checked)  # its own checks (ranges, choices) raise DpokitError
+    return checked
 
 
 def _check_type(key: str, value: Any, f: dataclasses.Field) -> Any:
     """The value, checked against the field's default type (YAML 1.1 reads `1e-3` as a string: accept it)."""
+    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+        return value  # a required key: its class checks it
     default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
     if value is None or default is None:
         return value

@@ -100,12 +100,19 @@ LOSSES: dict[str, LossFn] = {}
 REFERENCE_FREE: set[str] = set()  # losses that never read the reference log-likelihoods
 NO_MARGIN: set[str] = set()  # pairwise losses with no place for a per-pair margin
 DATA: dict[str, tuple[str, ...]] = {}  # loss → the kinds of data it reads: pairs, groups, unpaired
+# loss → why it needs an exact log-probability (a family's `likelihood` "exact"), for those that do
+NEEDS_PROBABILITY: dict[str, str] = {}
 
 
-def register(name: str, reference_free: bool = False, margin: bool = True, data: tuple[str, ...] = ("pairs",)):
+def register(name: str, reference_free: bool = False, margin: bool = True, data: tuple[str, ...] = ("pairs",),
+             needs_probability: str | None = None):
+    """Register a loss under `name`: whether it reads the reference, has a per-pair margin, the kinds of data
+    it reads, and (`needs_probability`: the reason) whether it only makes sense on an exact log-probability."""
     def wrap(fn: LossFn) -> LossFn:
         LOSSES[name] = fn
         DATA[name] = data
+        if needs_probability:
+            NEEDS_PROBABILITY[name] = needs_probability
         if reference_free:
             REFERENCE_FREE.add(name)
         if not margin:
@@ -266,7 +273,7 @@ def sft_loss(t: LossInputs, c: ObjectiveConfig) -> torch.Tensor:
     return _nll(t)
 
 
-@register("simpo", reference_free=True)
+@register("simpo", reference_free=True, needs_probability="its reward is the per-unit average log-probability")
 def simpo_loss(t: LossInputs, c: ObjectiveConfig) -> torch.Tensor:
     """SimPO (Meng et al. 2024, eq. 6), reference-free: −log σ(β·(log π(y_w|x)/|y_w| −
     log π(y_l|x)/|y_l|) − γ − m), γ = simpo_gamma; label_smoothing as in TRL's CPOTrainer."""
@@ -274,7 +281,7 @@ def simpo_loss(t: LossInputs, c: ObjectiveConfig) -> torch.Tensor:
     return _smoothed(z, c.label_smoothing)
 
 
-@register("orpo", reference_free=True, margin=False)
+@register("orpo", reference_free=True, margin=False, needs_probability="it computes log(1 − p) from the log-probability")
 def orpo_loss(t: LossInputs, c: ObjectiveConfig) -> torch.Tensor:
     """ORPO (Hong et al. 2024, eqs. 6–7): NLL(y_w) − λ log σ(log odds(y_w) − log odds(y_l)),
     odds(y) = P/(1 − P) with P = exp of the per-token log-likelihood; λ = beta (TRL ORPOConfig).
@@ -303,6 +310,16 @@ def check_losses(loss_types: list[str], loss_weights: list[float] | None, label_
         raise DpokitError(f"label_smoothing must lie in [0, 1], got {label_smoothing}")
     if "sdpo" in loss_types and label_smoothing:
         raise DpokitError(f"sdpo has no label smoothing; set label_smoothing: 0 (got {label_smoothing})")
+
+
+def check_likelihood(loss_types: list[str], family: str, likelihood: str) -> None:
+    """Whether the losses fit what the family's score is: "exact", "density" or "surrogate"
+    (`dpokit.families.base.LIKELIHOODS`)."""
+    for name in loss_types:
+        if name in NEEDS_PROBABILITY and likelihood != "exact":
+            raise DpokitError(f"loss_type {name!r} needs an exact log-probability ({NEEDS_PROBABILITY[name]}), but "
+                              f"family {family!r} gives a {likelihood} score, not an exact log-probability; use a loss that reads log-ratios, "
+                              "such as sigmoid")
 
 
 KIND_NAMES = {"pairs": "preference pairs (prompt, chosen, rejected)",

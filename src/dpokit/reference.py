@@ -133,7 +133,8 @@ def check_sync(reference: nn.Module, policy: nn.Module) -> None:
                               "the policy; TR-DPO needs a reference of the policy's architecture")
 
 
-def build_reference(cfg, family, policy_model: nn.Module, device) -> Reference:
+def build_reference(cfg, family, policy_model: nn.Module, device, cached: bool) -> Reference:
+    """The reference the config names; `cached`: its scores are computed once, before the first step."""
     if cfg.reference_free:
         return Reference(None)
     if cfg.ref_model:
@@ -141,7 +142,7 @@ def build_reference(cfg, family, policy_model: nn.Module, device) -> Reference:
         return Reference(family.scorer(model, cfg))
     if cfg.lora is not None:
         return Reference(family.scorer(policy_model, cfg), adapters_off=lambda: family.adapters_off(policy_model))
-    if cfg.precompute_ref_log_probs:
+    if cached:
         # Before the first step the policy *is* the reference: score with it, keep no copy.
         return Reference(family.scorer(policy_model, cfg))
     frozen = copy.deepcopy(policy_model).requires_grad_(False).eval()

@@ -27,8 +27,9 @@ from .config import TrainConfig
 from .errors import DpokitError
 from .families import get_family
 from .families.base import data_kind
-from .objectives import ObjectiveConfig, LossInputs, check_data, check_losses, logit_metrics, objective
-from .reference import build_reference, cache_path, check_sync, sync_reference
+from .io import save_tensors
+from .objectives import ObjectiveConfig, check_data, check_likelihood, check_losses, logit_metrics, objective
+from .reference import build_reference, cache_path, check_sync, loss_inputs, sync_reference
 from .sinks import make_sinks
 
 log = logging.getLogger("dpokit")
@@ -149,27 +150,31 @@ class Loop:
         set_seed(cfg.seed)  # the same on every rank: LoRA and any fresh weights start identical
         self.family = family or get_family(cfg.family)
         self.out = Path(cfg.output_dir)
+        check_likelihood(cfg.loss_types, self.family.name, self.family.likelihood)
         self.model, self.processor = self.family.load_policy(cfg)
         self.train_examples = self.family.examples(cfg.train_data, self.processor, cfg)
-        if not self.train_examples:
+        if not len(self.train_examples):
             raise DpokitError(f"{cfg.train_data}: no training pairs")
         self.eval_examples = self.family.examples(cfg.eval_data, self.processor, cfg) if cfg.eval_data else []
-        for examples in filter(None, (self.train_examples, self.eval_examples)):  # pairs, S-DPO groups or unpaired
+        for examples in (e for e in (self.train_examples, self.eval_examples) if len(e)):  # pairs, groups, unpaired
             check_data(cfg.loss_types, data_kind(examples), cfg.rpo_alpha, cfg.per_device_train_batch_size)
         self.resume_dir = self._find_resume()
         self.obj_cfg = ObjectiveConfig.from_config(cfg)
         # The reference is chosen (and its cache key read) while the policy still holds its starting weights,
         # unsharded; the policy's own log-probs are scored after `prepare`, through the wrapped model.
-        self.reference = build_reference(cfg, self.family, self.model, self.acc.device)
-        if not self.reference.reference_free and self.reference.scorer.model is not self.model:
+        # A stochastic family's reference is scored on each batch's own draw, never cached.
+        cached = cfg.precompute_ref_log_probs and not self.family.stochastic
+        self.reference = build_reference(cfg, self.family, self.model, self.acc.device, cached)
+        own_weights = not self.reference.reference_free and self.reference.model is self.model
+        if not self.reference.reference_free and not own_weights:
             self.reference.scorer.to(self.acc.device)  # a separate model or a frozen copy
         if cfg.sync_ref_model:
             self._check_sync()
         ref_keys = {}
-        if not self.reference.reference_free and cfg.precompute_ref_log_probs:
-            ref_keys = {"train": cache_path(cfg, self.reference, self.train_examples)}
-            if self.eval_examples:
-                ref_keys["eval"] = cache_path(cfg, self.reference, self.eval_examples)
+        if not self.reference.reference_free and cached:
+            ref_keys = {"train": cache_path(cfg, self.family, self.reference, self.train_examples)}
+            if len(self.eval_examples):
+                ref_keys["eval"] = cache_path(cfg, self.family, self.reference, self.eval_examples)
 
         set_seed(cfg.seed, device_specific=True)  # from here each rank draws its own dropout masks
         scorer = self.family.scorer(self.model, cfg)
@@ -186,11 +191,15 @@ class Loop:
         warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * self.total_steps)
         self.scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, warmup, self.total_steps)
         self.scorer, self.optimizer = self.acc.prepare(scorer, optimizer)
+        if own_weights:
+            # The policy's own weights (its starting point, or its base with adapters off): score through the
+            # prepared scorer, which under FSDP is the only one holding whole parameters during forward.
+            self.reference.scorer = self.scorer
 
         self.ref_train = self.ref_eval = None
         if ref_keys:
             self.ref_train = self._precompute(self.train_examples, ref_keys["train"], "train")
-            if self.eval_examples:
+            if len(self.eval_examples):
                 self.ref_eval = self._precompute(self.eval_examples, ref_keys["eval"], "eval")
             self.reference = None  # nothing of a separate reference stays in memory
 
@@ -224,16 +233,16 @@ class Loop:
                               "sync_ref_model: false")
         if self.deepspeed:
             raise DpokitError("sync_ref_model is not supported under DeepSpeed; use DDP or FSDP")
-        check_sync(self.reference.scorer.model, self.model)
+        check_sync(self.reference.model, self.model)
 
     def _sync_reference(self) -> None:
-        sync_reference(self.reference.scorer.model, self.model, self.cfg.ref_model_mixup_alpha)
+        sync_reference(self.reference.model, self.model, self.cfg.ref_model_mixup_alpha)
 
     def _reference_state(self) -> dict | None:
         """What a checkpoint must hold of the reference: its weights, when TR-DPO moves them."""
         if not self.cfg.sync_ref_model:
             return None
-        return {REFERENCE_FILE: {k: v.detach().cpu() for k, v in self.reference.scorer.model.state_dict().items()}}
+        return {REFERENCE_FILE: {k: v.detach().cpu() for k, v in self.reference.model.state_dict().items()}}
 
     def _load_reference(self, folder: Path) -> None:
         from safetensors.torch import load_file
@@ -242,10 +251,18 @@ class Loop:
         if not path.exists():
             raise DpokitError(f"{folder}: no {REFERENCE_FILE} (the checkpoint was written without sync_ref_model), "
                               "so the moved reference cannot be restored")
-        self.reference.scorer.model.load_state_dict(load_file(str(path)))
+        self.reference.model.load_state_dict(load_file(str(path)))
 
-    def _collate(self, examples):
-        return self.family.collate(examples, self.cfg, self.processor)
+    def _collate(self, examples, draws: list[int] | None):
+        if not self.family.stochastic:
+            return self.family.collate(examples, self.cfg, self.processor)
+        return self.family.collate(examples, self.cfg, self.processor, draws=draws)
+
+    def _draws(self, indices: list[int], stream: int) -> list[int]:
+        """A stochastic family's per-example seeds: a function of (seed, stream, example), so a pair draws the
+        same noise however the batch is split over ranks, and a resumed run draws what the first run would.
+        Training uses stream = epoch + 1 (fresh noise each epoch); evaluation and the reference pass stream 0."""
+        return [(self.cfg.seed * 1_000_003 + stream) * 10_000_019 + i for i in indices]
 
     def _rank_slices(self, n: int, bs: int, order: list[int] | None = None):
         """Per round: this rank's indices and whether they count. Every rank runs the same number of
@@ -260,7 +277,7 @@ class Loop:
     def _precompute(self, examples, path: Path, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Reference log-probs for every example: from the disk cache, or each rank scores its share
         of the batches, the shares are summed across ranks and rank 0 writes the cache."""
-        from safetensors.torch import load_file, save_file
+        from safetensors.torch import load_file
 
         acc = self.acc
         found = torch.tensor(float(path.exists()), device=acc.device)
@@ -273,13 +290,13 @@ class Loop:
         n = len(examples)
         # Column 0 the chosen, then the rejected: one column for pairs, K for S-DPO groups (K the largest group;
         # zeros past a smaller group's own), stored as [n] and [n, K].
-        K = max(len(ex.negatives) for ex in examples) if data_kind(examples) == "groups" else None
+        K = max(ex.n_rejected for ex in examples) if data_kind(examples) == "groups" else None
         out = torch.zeros(n, 1 + (K or 1), device=acc.device)
         rounds = self._rank_slices(n, self.cfg.per_device_eval_batch_size)
         quiet = self.cfg.disable_tqdm or not acc.is_main_process
         for indices, counted in tqdm(list(rounds), desc=f"reference log-probs ({name})", disable=quiet):
             batch = self._batch(examples, indices, None)
-            c, r = self._reference_logps(batch)
+            c, r = self.reference.scores(batch)
             if counted:
                 r = r.reshape(len(indices), -1)
                 out[indices, 0], out[indices, 1:1 + r.shape[1]] = c, r
@@ -289,16 +306,14 @@ class Loop:
         chosen, rejected = out[:, 0].contiguous(), out[:, 1:].contiguous()
         rejected = rejected if K else rejected[:, 0].contiguous()
         if acc.is_main_process:  # written atomically: a reader never sees half a cache file
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            save_file({"chosen": chosen, "rejected": rejected}, str(tmp))
-            os.replace(tmp, path)
+            save_tensors(path, {"chosen": chosen, "rejected": rejected})
         return chosen, rejected
 
     # ------------------------------------------------------------ one batch
 
-    def _batch(self, examples, indices, ref):
-        batch = {k: v.to(self.acc.device) for k, v in self._collate([examples[i] for i in indices]).items()}
+    def _batch(self, examples, indices, ref, stream: int = 0):
+        batch = self._collate([examples[i] for i in indices], self._draws(indices, stream))
+        batch = {k: v.to(self.acc.device) for k, v in batch.items()}
         if ref is not None:
             idx = torch.tensor(indices)
             rejected = ref[1][idx]
@@ -307,35 +322,15 @@ class Loop:
             batch["ref_chosen"], batch["ref_rejected"] = ref[0][idx].to(self.acc.device), rejected.to(self.acc.device)
         return batch
 
-    @torch.no_grad()
-    def _reference_logps(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        ref = self.reference
-        if ref.scorer.model is self.model:
-            # The policy's own weights (its starting point, or its base with adapters off): score through the
-            # prepared model, which under FSDP is the only one holding whole parameters during forward.
-            scorer = self.scorer
-            context = self.model.disable_adapter() if ref.adapter_off else contextlib.nullcontext()
-        else:
-            scorer, context = ref.scorer, contextlib.nullcontext()
-        was_training = scorer.training
-        scorer.eval()
-        with context:
-            terms = scorer(batch)
-        scorer.train(was_training)
-        return terms.chosen.float(), terms.rejected.float()
-
     def _loss(self, batch):
-        terms = self.scorer(batch)
-        if "ref_chosen" in batch:
-            ref_c, ref_r = batch["ref_chosen"], batch["ref_rejected"]
-        elif self.cfg.reference_free:
-            ref_c, ref_r = torch.zeros_like(terms.chosen), torch.zeros_like(terms.rejected)
+        scores = self.scorer(batch)
+        if "ref_chosen" in batch:  # from the cache
+            ref = batch["ref_chosen"], batch["ref_rejected"]
         else:
-            ref_c, ref_r = self._reference_logps(batch)
-        t = LossInputs(terms.chosen.float(), terms.rejected.float(), ref_c, ref_r, terms.chosen_len, terms.rejected_len,
-                  batch["margin"], label=batch.get("label"), rejected_mask=batch.get("rejected_mask"))
+            ref = None if self.cfg.reference_free else self.reference.scores(batch)
+        t = loss_inputs(scores, ref, batch)
         loss, metrics = objective(t, batch["weight"], self.cfg.loss_types, self.cfg.loss_weights, self.obj_cfg)
-        metrics.update(logit_metrics(t, terms.chosen_logits, terms.rejected_logits))
+        metrics.update(logit_metrics(t, scores.chosen_logits, scores.rejected_logits))
         return loss, metrics
 
     # ------------------------------------------------------------ the loop
@@ -345,7 +340,7 @@ class Loop:
         return torch.randperm(len(self.train_examples), generator=g).tolist()
 
     def evaluate(self) -> dict[str, float]:
-        if not self.eval_examples:
+        if not len(self.eval_examples):
             return {}
         self.scorer.eval()
         means = _Means(self.acc.device)
@@ -357,7 +352,7 @@ class Loop:
         self.scorer.train()
         return {f"eval_{k}": v for k, v in means.means(self.acc).items()}
 
-    def _step(self, order: list[int], pos: int, means: _Means, step: int) -> int:
+    def _step(self, order: list[int], pos: int, means: _Means, step: int, epoch: int) -> int:
         """One optimizer step over the pairs order[pos:pos + global batch]; returns the new position."""
         cfg, acc = self.cfg, self.acc
         rank, world, bs = acc.process_index, acc.num_processes, cfg.per_device_train_batch_size
@@ -373,7 +368,7 @@ class Loop:
             counted = bool(indices)
             if not counted:  # a short last batch can leave a rank empty; it still joins the all-reduce
                 indices, scale = order[s:s + 1], 0.0
-            batch = self._batch(self.train_examples, indices, self.ref_train)
+            batch = self._batch(self.train_examples, indices, self.ref_train, stream=epoch + 1)
             last = k == len(starts) - 1
             if self.deepspeed:
                 acc.gradient_state._set_sync_gradients(last)  # its engine steps itself on the last micro-batch
@@ -440,7 +435,7 @@ class Loop:
             order = self._order(epoch)
             while pos < n and step < self.total_steps:
                 lr = self.scheduler.get_last_lr()[0]  # the rate this step uses (what transformers' Trainer logs)
-                pos = self._step(order, pos, means, step)
+                pos = self._step(order, pos, means, step, epoch)
                 step += 1
                 bar.update(1)
                 if cfg.sync_ref_model and step % cfg.ref_model_sync_steps == 0:
