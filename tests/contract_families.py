@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -199,10 +200,7 @@ class DenoiserFamily(_Saved):
         return Denoiser(c.dim, c.hidden)
 
     def examples(self, source, processor, cfg):
-        dim = self.settings(cfg).dim
-        zero = torch.zeros(0)
-        return [Item(zero, _vector(row, "chosen", dim, str(source), n), _vector(row, "rejected", dim, str(source), n))
-                for n, row in read_rows(source)]
+        return LazyExamples(source, self.settings(cfg).dim)
 
     def collate(self, examples, cfg, processor, draws):
         """One (t, ε) per pair from the loop's per-example seed: the same however a batch is split."""
@@ -218,6 +216,27 @@ class DenoiserFamily(_Saved):
 
     def scorer(self, model, cfg):
         return DenoiserScorer(model)
+
+
+class LazyExamples(Sequence):
+    """Examples built from their rows when indexed, as a family whose data does not fit in memory (images)
+    would hold them; `built` counts the builds."""
+
+    def __init__(self, source, dim: int):
+        self.source, self.dim, self.built = str(source), dim, 0
+        self.rows = list(read_rows(source))
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        number, row = self.rows[i]
+        self.built += 1
+        zero = torch.zeros(0)
+        return Item(zero, _vector(row, "chosen", self.dim, self.source, number),
+                    _vector(row, "rejected", self.dim, self.source, number))
 
 
 # ---------------------------------------------------------------- data

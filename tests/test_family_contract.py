@@ -92,6 +92,7 @@ def test_stochastic_family_never_caches_and_scores_the_reference_on_the_same_dra
     assert cfg.precompute_ref_log_probs
     loop = Loop(cfg)
     assert loop.ref_train is None and loop.reference is not None
+    assert isinstance(loop.train_examples, cf.LazyExamples)  # a lazy sequence goes through the loop
     first = _train_rows(loop.run().history)[0]
     assert first["rewards/chosen"] == 0.0 and first["rewards/rejected"] == 0.0 and first["rewards/margins"] == 0.0
     assert first["logps/chosen"] != 0.0  # a real score, not an empty one

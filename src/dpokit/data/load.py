@@ -22,6 +22,15 @@ POLICIES = ("error", "skip")
 SHOWN_PROBLEMS, SHOWN_ROWS = 5, 5  # how much of the skipped rows the warning spells out
 
 
+def text_columns(header: list[str]) -> str | None:
+    """What a CSV of text rows lacks: chosen and rejected, or (unpaired rows) prompt, completion and label."""
+    unpaired = "completion" in header or "label" in header
+    missing = [k for k in (("prompt", "completion", "label") if unpaired else ("chosen", "rejected")) if k not in header]
+    if not missing:
+        return None
+    return f"the header has no {' or '.join(map(repr, missing))} column (columns: {', '.join(header)})"
+
+
 def load_pairs(source: Any, on_bad_row: str = "error") -> list[Pair]:
     return _load(source, row_to_pair, on_bad_row)
 
@@ -82,7 +91,7 @@ def _load(source: Any, convert: Callable[[dict], Any], on_bad_row: str) -> list:
     name = describe(source)
     out: list = []
     skipped: dict[str, list[int]] = {}  # problem → rows
-    for number, row in iter_rows(source):
+    for number, row in iter_rows(source, text_columns):
         try:
             if isinstance(row, RowProblem):
                 raise row

@@ -9,9 +9,12 @@ Row numbers are 1-based and mean what the user sees: the line in a JSON Lines fi
 spreadsheet row in a CSV (the header is row 1, so the first record is row 2), the index + 1
 elsewhere.
 
-CSV has no lists, so a `prompt`/`chosen`/`rejected` cell holding a JSON array of
-`{role, content}` objects is read as a conversation (`json.dumps(messages)` writes one);
-any other cell stays text. Empty `weight`/`margin` cells mean "not given".
+The readers know no field names: what a row must hold is the row validators' business
+(`formats`, or a family's own). CSV has no types, so its cells stay text, except a cell
+holding a JSON array (a conversation of `{role, content}` objects, as `json.dumps(messages)`
+writes one, or a list of replies), which is read as that list; the validators read numbers
+and true/false from text, and an empty number cell as "not given". The caller may pass
+`columns`, a check of a CSV's header that names what is missing, in one line.
 
 Text must be UTF-8. Files are decoded with `surrogateescape` so that one bad byte becomes a
 problem of the row holding it (skippable) rather than of the whole file.
@@ -23,29 +26,28 @@ import csv
 import json
 import sys
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from ..errors import DataError, DpokitError
 from .formats import RowProblem
 
 SUFFIXES = (".jsonl", ".ndjson", ".json", ".parquet", ".csv")
-TEXT_FIELDS = ("prompt", "chosen", "rejected")
-NUMBER_FIELDS = ("weight", "margin")
+Columns = Callable[[list[str]], "str | None"]  # a CSV header → the problem with it, or None
 
 
 def describe(source: Any) -> str:
     return str(source) if isinstance(source, (str, Path)) else f"in-memory {type(source).__name__}"
 
 
-def read_rows(source: Any) -> Iterator[tuple[int, dict]]:
+def read_rows(source: Any, columns: Columns | None = None) -> Iterator[tuple[int, dict]]:
     """`(row_number, row)` pairs; a row that cannot be read raises `DataError`."""
-    for number, row in iter_rows(source):
+    for number, row in iter_rows(source, columns):
         if isinstance(row, RowProblem):
             raise DataError(describe(source), number, str(row))
         yield number, row
 
 
-def iter_rows(source: Any) -> Iterator[tuple[int, dict | RowProblem]]:
+def iter_rows(source: Any, columns: Columns | None = None) -> Iterator[tuple[int, dict | RowProblem]]:
     """Like `read_rows`, but an unreadable row comes back as a `RowProblem` for the caller's policy.
 
     Problems of the whole source (missing file, unknown format, broken JSON document) raise.
@@ -55,7 +57,7 @@ def iter_rows(source: Any) -> Iterator[tuple[int, dict | RowProblem]]:
     if not isinstance(source, (str, Path)):
         rows = _read_in_memory(source)
     else:
-        rows = _read_path(Path(source))
+        rows = _read_path(Path(source), columns)
     for number, row in rows:
         if isinstance(row, dict):
             bad = _undecodable(row)
@@ -64,7 +66,7 @@ def iter_rows(source: Any) -> Iterator[tuple[int, dict | RowProblem]]:
         yield number, row
 
 
-def _read_path(path: Path) -> Iterator[tuple[int, dict | RowProblem]]:
+def _read_path(path: Path, columns: Columns | None) -> Iterator[tuple[int, dict | RowProblem]]:
     if not path.exists():
         raise DpokitError(f"{path}: no such file or folder")
     if path.is_dir():
@@ -77,7 +79,7 @@ def _read_path(path: Path) -> Iterator[tuple[int, dict | RowProblem]]:
         raise DpokitError(f"{path}: unknown data format {suffix or '(no suffix)'!r} "
                           f"(use {', '.join(SUFFIXES)} or a folder written by Dataset.save_to_disk)")
     try:
-        yield from readers[suffix](path)
+        yield from _read_csv(path, columns) if suffix == ".csv" else readers[suffix](path)
     except OSError as e:
         raise DpokitError(f"{path}: cannot read file ({e.strerror or e})") from None
 
@@ -184,7 +186,7 @@ def _read_parquet(path: Path) -> Iterator[tuple[int, dict]]:
     yield from enumerate(table.to_pylist(), start=1)
 
 
-def _read_csv(path: Path) -> Iterator[tuple[int, dict | RowProblem]]:
+def _read_csv(path: Path, columns: Columns | None) -> Iterator[tuple[int, dict | RowProblem]]:
     # the default 128 KiB cell limit is smaller than some long dialogues
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
     with _open_text(path, newline="") as f:  # the csv module handles line ends itself
@@ -193,35 +195,28 @@ def _read_csv(path: Path) -> Iterator[tuple[int, dict | RowProblem]]:
             header = next(reader, None)
             if header is None:
                 return
-            missing = [k for k in ("chosen", "rejected") if k not in header]
-            if missing:
-                raise DataError(str(path), 1, f"the header has no {' or '.join(map(repr, missing))} column "
-                                              f"(columns: {', '.join(header)})")
+            problem = columns(header) if columns else None
+            if problem:
+                raise DataError(str(path), 1, problem)
             for number, cells in enumerate(reader, start=2):
                 if not any(c.strip() for c in cells):
                     continue
                 if len(cells) != len(header):
                     yield number, RowProblem(f"has {len(cells)} fields, the header has {len(header)}")
                     continue
-                yield number, {k: _csv_value(k, v) for k, v in zip(header, cells)}
+                yield number, {k: _csv_value(v) for k, v in zip(header, cells)}
         except csv.Error as e:
             raise DataError(str(path), reader.line_num, f"not valid CSV ({e})") from None
 
 
-def _csv_value(key: str, value: str) -> Any:
-    if key in NUMBER_FIELDS:
-        if not value.strip():
-            return None
-        try:
-            return float(value)
-        except ValueError:
-            return value  # reported as a wrong type when the row is read
-    if key in TEXT_FIELDS and value.lstrip().startswith("["):
+def _csv_value(value: str) -> Any:
+    """A JSON array of messages, or of replies (an S-DPO group's rejected ones), is that list; the rest text."""
+    if value.lstrip().startswith("["):
         try:
             decoded = json.loads(value)
         except json.JSONDecodeError:
             return value
-        if _is_messages(decoded):
+        if _is_messages(decoded) or (decoded and all(isinstance(v, str) or _is_messages(v) for v in decoded)):
             return decoded
     return value
 
