@@ -1,4 +1,5 @@
-"""Bad input through `dpokit train`: one line on stderr naming file, row and problem; exit 2; no traceback."""
+"""Bad input through `dpokit train` (and `dpokit experiment`): one line on stderr naming file, row and problem;
+exit 2; no traceback."""
 
 import json
 import os
@@ -7,7 +8,7 @@ import sys
 
 import pytest
 
-from dpokit.cli import main
+from dpokit.cli import build_parser, main
 
 GOOD = {"prompt": "What is 2+2?", "chosen": " It is 4.", "rejected": " It is 5."}
 
@@ -141,3 +142,22 @@ def test_exit_status_from_a_real_process(tmp_path, tiny_model_dir):
     assert lines[-1].startswith(f"dpokit: error: {data}, row 4: not valid JSON"), proc.stderr
     assert proc.stderr.count("dpokit: error") == 1
     assert proc.stdout == ""
+
+
+@pytest.mark.parametrize("argv, owner", [(["secalign", "--data", "x.jsonl"], "frontier"),
+                                         (["frontier", "--prompt-format", "ise"], "hierarchy"),
+                                         (["hierarchy", "--task=vader"], "frontier")])
+def test_an_experiment_refuses_another_experiments_flag_before_running(tmp_path, capsys, argv, owner):
+    status = main(["experiment", *argv, "--out", str(tmp_path / "out")])
+    line, err = capsys.readouterr().err.strip(), argv[1].split("=")[0]
+    assert_one_error_line(status, line, line, f"`experiment {argv[0]}` does not take",
+                          f"{err} belongs to `experiment {owner}`")
+    assert not (tmp_path / "out").exists()
+
+
+def test_each_experiment_has_its_own_flags_and_output_dir():
+    for name in ("frontier", "secalign", "hierarchy"):
+        args = build_parser().parse_args(["experiment", name, "--quick", "--seed", "3"])
+        assert args.out == f"runs/{name}" and args.quick and args.seed == 3 and callable(args.experiment_run)
+    assert build_parser().parse_args(["experiment", "hierarchy", "--prompt-format", "ise"]).prompt_format == "ise"
+    assert not hasattr(build_parser().parse_args(["experiment", "secalign"]), "task")

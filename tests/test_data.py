@@ -10,7 +10,7 @@ import datasets
 import pytest
 
 from dpokit.data import Pair, iter_rows, load_examples, load_pairs, read_rows, row_to_pair
-from dpokit.data.formats import RowProblem
+from dpokit.data.formats import RowProblem, text_field
 from dpokit.errors import DataError, DpokitError
 
 HH = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-harmless" / "pairs.jsonl"
@@ -272,6 +272,17 @@ def test_bad_row_is_named_with_its_problem(row, problem, tmp_path):
     assert "\n" not in str(e.value)
     # the same row is dropped under the skip policy, and the good one kept
     assert load_pairs(path, on_bad_row="skip") == [Pair("fine", " yes", " no")]
+
+
+def test_text_field_is_one_validator_for_every_reader():
+    """Recipes prefix where in a raw row the field sits; `dpokit score` accepts either of two keys."""
+    assert text_field({"response": " r"}, "completion", "response") == " r"
+    with pytest.raises(RowProblem, match=r"^missing field 'completion' or 'response'$"):
+        text_field({"completion": None}, "completion", "response")
+    with pytest.raises(RowProblem, match=r"^response 2: field 'text' is empty$"):
+        text_field({"text": " "}, "text", where="response 2: ")
+    with pytest.raises(RowProblem, match=r"^reply 0: field 'text': message 0 needs string 'role' and 'content'"):
+        text_field({"text": [{"role": "user"}]}, "text", where="reply 0: ")
 
 
 def test_skip_policy_counts_and_warns(tmp_path, caplog):

@@ -6,7 +6,7 @@ import re
 import pytest
 import torch
 
-from dpokit import tasks
+from dpokit import demo_task as tasks
 from dpokit.demo import run_demo
 
 

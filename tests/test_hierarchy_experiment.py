@@ -14,7 +14,7 @@ from dpokit.errors import DpokitError
 from dpokit.experiments import hierarchy_report as hr
 from dpokit.recipes.hierarchy import HIERARCHY
 from dpokit.recipes.hierarchy import hierarchy_margins
-from dpokit.segments import SegmentLlamaForCausalLM, segment_ids, with_segment_embeddings
+from dpokit.experiments.segments import SegmentLlamaForCausalLM, segment_ids, with_segment_embeddings
 from dpokit.tiny import build_llama, build_tokenizer
 
 

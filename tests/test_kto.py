@@ -179,3 +179,25 @@ def test_cli_trains_kto(tiny_model_dir, tmp_path):
     with pytest.raises(DpokitError, match="per_device_train_batch_size must be >= 2"):
         dpokit.train(dpokit.TrainConfig(model=str(tiny_model_dir), train_data=str(data), loss_type="kto",
                                         per_device_train_batch_size=1, output_dir=str(tmp_path / "bs1")))
+
+
+def test_a_kto_csv_trains_as_its_jsonl_does(tiny_model_dir, tokenizer, tmp_path):
+    """CSV has no types: `label` cells spelt true/false (or 1/0) are read as labels, and the CSV trains to the
+    numbers the same rows give as JSON Lines. A label that spells neither names its row."""
+    import csv
+
+    path = tmp_path / "kto.csv"
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["prompt", "completion", "label"])
+        writer.writerows([r["prompt"], r["completion"], "true" if r["label"] else "0"] for r in ROWS)
+    assert [ex.label for ex in load_examples(path, tokenizer, 64, 32)] == [r["label"] for r in ROWS]
+    common = dict(model=str(tiny_model_dir), loss_type="kto", per_device_train_batch_size=4, max_steps=2,
+                  logging_steps=1, save_steps=0, disable_tqdm=True, ref_cache_dir=str(tmp_path / "cache"))
+    from_csv = dpokit.train(dpokit.TrainConfig(train_data=str(path), output_dir=str(tmp_path / "csv"), **common))
+    jsonl = _write(tmp_path / "kto.jsonl", ROWS)
+    from_jsonl = dpokit.train(dpokit.TrainConfig(train_data=str(jsonl), output_dir=str(tmp_path / "jsonl"), **common))
+    assert from_csv.history == from_jsonl.history and "kl" in from_csv.history[0]
+    path.write_text(path.read_text().replace(",true", ",maybe", 1))
+    with pytest.raises(DataError, match=r"kto\.csv, row 3: field 'label' must be true .* got 'maybe'"):
+        load_examples(path, tokenizer, 64, 32)

@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from dpokit.data import Example
-from dpokit.families import causal_lm
+from dpokit.families.causal_lm import attention, scorer
 from dpokit.families.causal_lm import CausalLMScorer, collate
 
 LAYOUTS = {  # id: (share_prompt, padding_free)
@@ -55,7 +55,7 @@ def test_layouts_give_the_plain_log_probs(tiny_model_dir, tokenizer, attn):
 def attention_path(request, monkeypatch):
     """Block attention's two paths: one call per block (the CPU's) and all blocks gathered into one padded
     call (the GPU's), the latter forced here so CI, which has no GPU, checks it too."""
-    monkeypatch.setattr(causal_lm, "one_call", lambda query: request.param == "one-call")
+    monkeypatch.setattr(attention, "one_call", lambda query: request.param == "one-call")
     return request.param
 
 
@@ -125,7 +125,7 @@ def test_model_without_block_attention_uses_one_masked_row(tiny_model_dir, token
     examples = _examples(tokenizer, seed=5)
     model = _model(tiny_model_dir, "sdpa", torch.float64)
     plain = _logps(model, examples, tokenizer.pad_token_id, "plain", "sdpa")
-    monkeypatch.setattr(causal_lm, "use_block_attention", lambda m: False)
+    monkeypatch.setattr(scorer, "use_block_attention", lambda m: False)
     t = _logps(_model(tiny_model_dir, "sdpa", torch.float64), examples, tokenizer.pad_token_id, "shared+packed", "sdpa")
     assert (t.chosen - plain.chosen).abs().max() < 1e-8 and (t.rejected - plain.rejected).abs().max() < 1e-8
 

@@ -1,6 +1,6 @@
-"""Instructional Segment Embeddings: segments read off delimiter tokens, a zero table changes nothing, a
-segment's vector reaches exactly the tokens of that segment, and the model survives dpokit's row layouts,
-a KV cache, and a save/load through dpokit's loader."""
+"""Instructional Segment Embeddings (dpokit.experiments.segments): segments read off delimiter tokens, a zero
+table changes nothing, a segment's vector reaches exactly the tokens of that segment, and the model survives
+dpokit's row layouts, a KV cache, and a save/load through dpokit's loader once the module is imported."""
 
 import json
 import math
@@ -12,7 +12,9 @@ import torch
 from dpokit.config import TrainConfig
 from dpokit.data import Example
 from dpokit.families.causal_lm import CausalLMFamily, CausalLMScorer, collate
-from dpokit.segments import SegmentLlamaForCausalLM, segment_ids, with_segment_embeddings
+# importing the experiment module registers the ISE classes with transformers' Auto classes, which the tests
+# that load a saved segment model through dpokit (and train one with dpokit.train) rely on
+from dpokit.experiments.segments import SegmentLlamaForCausalLM, segment_ids, with_segment_embeddings
 from dpokit.tiny import build_llama
 from dpokit.train import train
 

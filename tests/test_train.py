@@ -284,14 +284,14 @@ def test_lora_reference_is_the_base_with_adapters_off(tiny_model_dir, pairs_file
     cfg = _cfg(tmp_path, tiny_model_dir, pairs_file, max_steps=6, learning_rate=2e-2, precompute_ref_log_probs=False,
                lora={"r": 4, "lora_alpha": 8}, per_device_train_batch_size=8)
     loop = Loop(cfg)
-    assert loop.reference.adapter_off and loop.reference.scorer.model is loop.model
+    assert loop.reference.adapters_off and loop.reference.scorer.model is loop.model
     n_params = sum(p.numel() for p in loop.model.parameters())
     base_params = sum(p.numel() for n, p in loop.model.named_parameters() if "lora_" not in n)
     assert n_params < 1.5 * base_params  # one set of base weights, plus adapters
     loop.run()
     # after training the reference still scores exactly the base model
     batch = loop._batch(loop.train_examples, [0, 1, 2], None)
-    ref_c, _ = loop._reference_logps(batch)
+    ref_c, _ = loop.reference.scores(batch)
     base = _mean_logps(tiny_model_dir, loop, [loop.train_examples[i] for i in (0, 1, 2)])
     assert ref_c.mean().item() == pytest.approx(base, abs=1e-4)
     with torch.no_grad():

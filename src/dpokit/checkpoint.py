@@ -178,25 +178,6 @@ def list_checkpoints(root: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def policy_at(folder: Path, base_model: nn.Module) -> nn.Module:
-    """The policy of a full-weight checkpoint, for evaluating it outside the loop: its
-    `trainable.safetensors` (the scorer's state, keys prefixed `model.`) in a copy of `base_model`."""
-    import copy
-
-    weights = load_file(str(Path(folder) / "trainable.safetensors"))
-    model = copy.deepcopy(base_model)
-    model.load_state_dict({k.removeprefix("model."): v for k, v in weights.items()}, strict=True)
-    return model.eval()
-
-
-def drain_policies(root: Path, base_model: nn.Module):
-    """(step, `policy_at` its checkpoint) for each complete checkpoint under `root`, oldest first, for measuring a
-    run along training; each checkpoint is deleted once the caller moves on (its optimizer state is most of it)."""
-    for folder in list_checkpoints(root):
-        yield int(PATTERN.match(folder.name).group(1)), policy_at(folder, base_model)
-        shutil.rmtree(folder)
-
-
 def load(folder: Path, model: nn.Module, optimizer, scheduler, accelerator=None) -> dict:
     """Restore a checkpoint into every rank; returns the loop state. All ranks call this."""
     folder = Path(folder)

@@ -34,16 +34,10 @@ def _demo(args) -> None:
 
 def _tiny_model(args) -> None:
     from .data import read_rows
+    from .data.formats import field_text
     from .tiny import build_llama, build_tokenizer
 
-    def text(value) -> str:  # a string, a message list, or a list of replies (S-DPO groups)
-        if isinstance(value, str):
-            return value
-        if isinstance(value, dict):
-            return str(value.get("content", ""))
-        return " ".join(text(v) for v in value) if isinstance(value, list) else ""
-
-    texts = [text(v) for _, row in read_rows(args.data) for k, v in row.items()
+    texts = [field_text(v) for _, row in read_rows(args.data) for k, v in row.items()
              if k in ("prompt", "chosen", "rejected", "completion")]
     tokenizer = build_tokenizer(texts, vocab_size=args.vocab_size)
     model = build_llama(tokenizer, hidden_size=args.hidden_size, num_layers=args.layers,
@@ -72,12 +66,12 @@ def _score(args) -> None:
     import json
 
     from .evaluate import load_models, score_responses
+    from .io import write_text
 
     models = load_models(args.model, args.ref_model, args.beta, args.set or [])
     rows = score_responses(models, args.data, args.batch_size)
     if args.output:
-        with open(args.output, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
+        write_text(args.output, "".join(json.dumps(r) + "\n" for r in rows))
     if args.json:
         print(json.dumps({"model": str(args.model), "reference": models.reference_name, "beta": models.cfg.beta,
                           "rows": rows}, indent=2))
@@ -107,22 +101,7 @@ def _bench(args) -> None:
 
 
 def _experiment(args) -> None:
-    vader = args.name == "frontier" and args.task == "vader"
-    if (args.data and not vader) or (args.name != "frontier" and args.task != "line"):
-        raise DpokitError("--task and --data belong to `experiment frontier`; --data is read by --task vader only")
-    if args.prompt_format != "text" and args.name != "hierarchy":
-        raise DpokitError("--prompt-format belongs to `experiment hierarchy`")
-    if args.name in ("secalign", "hierarchy"):
-        from importlib import import_module
-
-        module = import_module(f".experiments.{args.name}", __package__)
-        extra = {"prompt_format": args.prompt_format} if args.name == "hierarchy" else {}
-        module.run(args.out if args.out != "runs/frontier" else f"runs/{args.name}", quick=args.quick, seed=args.seed,
-                   docs_dir=args.docs, **extra)
-        return
-    from .experiments.frontier import run_frontier
-
-    run_frontier(out=args.out, quick=args.quick, seed=args.seed, docs_dir=args.docs, task=args.task, data=args.data)
+    args.experiment_run(args)  # set by the experiment's own subcommand (experiments/cli.py)
 
 
 COMMANDS = {"train": _train, "demo": _demo, "tiny-model": _tiny_model, "eval": _eval, "score": _score,
@@ -180,24 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench import add_arguments as bench_arguments
 
     bench_arguments(p)
-    p = sub.add_parser("experiment", help="rerun a paper's experiment on the controlled task (no downloads)")
-    p.add_argument("name", choices=["frontier", "secalign", "hierarchy"],
-                   help="frontier: reward vs KL for DPO, IPO, cDPO, robust DPO and preferred-FT, clean and with "
-                        "20%% flipped labels (DPO paper, Fig. 2); secalign: prompt-injection defence by DPO "
-                        "(SecAlign); hierarchy: GW-DPO vs DPO on a 5-level instruction hierarchy")
-    p.add_argument("--quick", action="store_true", help="a small run, for smoke tests")
-    p.add_argument("--out", default="runs/frontier", help="output dir: runs, frontier.json/.svg/.md "
-                                                         "(secalign, hierarchy: runs/NAME, NAME.json)")
-    p.add_argument("--docs", help="also write the plot and the 'Reward vs KL frontier' section of DOCS/experiments.md "
-                                  "(secalign, hierarchy: their own sections)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--task", choices=["line", "vader"], default="line",
-                   help="frontier only: line = the demo's controlled task (default); vader = the prompts of an "
-                        "HH-style preference file (--data) with VADER sentiment as the reward")
-    p.add_argument("--data", help="frontier --task vader: the preference file whose dialogues give the prompts")
-    p.add_argument("--prompt-format", choices=["text", "delimiters", "ise"], default="text",
-                   help="hierarchy only: source headers as text (default), as special tokens (delimiters), or as "
-                        "special tokens plus segment embeddings (ise, the GW-DPO paper's setup)")
+    from .experiments.cli import add_experiment_commands
+
+    add_experiment_commands(sub)  # dpokit experiment frontier|secalign|hierarchy
     from .recipes.cli import register as register_data
 
     register_data(sub)  # dpokit data build|validate|asr
@@ -208,8 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=os.environ.get("DPOKIT_LOG", "INFO"), format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "urllib3", "accelerate", "transformers", "datasets"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)  # an experiment refuses another's flag here, as a DpokitError
         COMMANDS[args.command](args)
     except DpokitError as e:
         print(f"dpokit: error: {e}", file=sys.stderr)

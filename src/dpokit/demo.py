@@ -1,6 +1,6 @@
 """`dpokit demo`: DPO on a task whose true preference is known, with no downloads.
 
-The task (dpokit.tasks) asks for a positive line about a subject; the ground-truth reward
+The task (dpokit.demo_task) asks for a positive line about a subject; the ground-truth reward
 counts positive minus negative adjectives (and gives -1 to anything malformed). Steps:
 
 1. a byte-level BPE tokenizer and a small Llama, built from scratch (dpokit.tiny);
@@ -35,11 +35,13 @@ from pathlib import Path
 
 import torch
 
-from . import tasks
+from . import demo_task
 from .config import TrainConfig
 from .data import Example, load_examples
-from .families.causal_lm import CausalLMScorer, collate
+from .families import get_family
+from .io import write_text
 from .recipes.common import write_jsonl
+from .scoring import score_examples
 from .tiny import build_llama, build_tokenizer, single_thread
 from .train import train
 
@@ -85,32 +87,28 @@ def warm_up(model, tokenizer, rows: list[dict], steps: int, lr: float, batch_siz
 
 
 @torch.no_grad()
-def pair_logps(model, examples: list[Example], pad_token_id: int, batch_size: int = 128):
+def pair_logps(model, examples: list[Example], tokenizer, batch_size: int = 128):
     """log π(chosen | x) and log π(rejected | x), summed over completion tokens, by the training scorer."""
-    scorer = CausalLMScorer(model).eval()
-    chosen, rejected = [], []
-    for s in range(0, len(examples), batch_size):
-        terms = scorer(collate(examples[s:s + batch_size], pad_token_id))
-        chosen.append(terms.chosen)
-        rejected.append(terms.rejected)
-    return torch.cat(chosen), torch.cat(rejected)
+    family, cfg = get_family("causal_lm"), TrainConfig()
+    scored = list(score_examples(family, family.scorer(model, cfg).eval(), examples, cfg, tokenizer, batch_size))
+    return torch.cat([s.scores.chosen for s in scored]), torch.cat([s.scores.rejected for s in scored])
 
 
 def malformed_line(reply: str) -> bool:
-    return tasks.adjectives_of(reply) is None
+    return demo_task.adjectives_of(reply) is None
 
 
 def sample_stats(model, ref_model, tokenizer, prompts: list[str], n: int, seed: int,
-                 max_new_tokens: int = MAX_NEW_TOKENS, reward_fn=tasks.reward, malformed=malformed_line) -> dict:
+                 max_new_tokens: int = MAX_NEW_TOKENS, reward_fn=demo_task.reward, malformed=malformed_line) -> dict:
     """Ground-truth reward of `n` fresh samples per prompt, and KL(π ‖ π_ref) estimated on them. The task's
-    defaults are dpokit.tasks'; `malformed=None` where a task has no such notion."""
+    defaults are dpokit.demo_task's; `malformed=None` where a task has no such notion."""
     torch.manual_seed(seed)  # every model compared draws with the same generator state
-    samples = tasks.sample(model, tokenizer, prompts, n, max_new_tokens, reward_fn=reward_fn)
+    samples = demo_task.sample(model, tokenizer, prompts, n, max_new_tokens, reward_fn=reward_fn)
     rewards = torch.tensor([s.reward for s in samples])
     # Each sample is scored as a "pair" with itself; only the chosen half is read.
     as_pairs = [Example(s.prompt_ids, s.response_ids, s.response_ids) for s in samples]
-    logp, _ = pair_logps(model, as_pairs, tokenizer.pad_token_id)
-    ref_logp, _ = pair_logps(ref_model, as_pairs, tokenizer.pad_token_id)
+    logp, _ = pair_logps(model, as_pairs, tokenizer)
+    ref_logp, _ = pair_logps(ref_model, as_pairs, tokenizer)
     return {
         "mean_reward": rewards.mean().item(),
         "all_positive": (rewards == 1).float().mean().item(),
@@ -121,10 +119,10 @@ def sample_stats(model, ref_model, tokenizer, prompts: list[str], n: int, seed: 
     }
 
 
-def heldout_accuracy(model, ref_model, examples: list[Example], pad_token_id: int) -> tuple[float, float]:
+def heldout_accuracy(model, ref_model, examples: list[Example], tokenizer) -> tuple[float, float]:
     """(log-prob accuracy of `model`, implicit-reward accuracy of `model` against `ref_model`)."""
-    c, r = pair_logps(model, examples, pad_token_id)
-    ref_c, ref_r = pair_logps(ref_model, examples, pad_token_id)
+    c, r = pair_logps(model, examples, tokenizer)
+    ref_c, ref_r = pair_logps(ref_model, examples, tokenizer)
     return (c > r).float().mean().item(), ((c - ref_c) > (r - ref_r)).float().mean().item()
 
 
@@ -159,19 +157,17 @@ def run_demo(output_dir: str | Path = "runs/demo", seed: int = 0, quick: bool = 
 
 
 def _run(out: Path, seed: int, quick: bool) -> dict:
-    from transformers import AutoModelForCausalLM
-
     size = QUICK if quick else FULL
     t0 = time.time()
     out.mkdir(parents=True, exist_ok=True)
     random.seed(seed)
     torch.manual_seed(seed)
 
-    train_prompts, heldout_prompts = tasks.split_prompts(seed)
-    tokenizer = build_tokenizer(tasks.corpus(), vocab_size=600)  # enough merges for one token per word
+    train_prompts, heldout_prompts = demo_task.split_prompts(seed)
+    tokenizer = build_tokenizer(demo_task.corpus(), vocab_size=600)  # enough merges for one token per word
     warm = build_llama(tokenizer, hidden_size=size["hidden"], num_layers=size["layers"], seed=seed)
     # The warm-up corpus names every subject but carries no preference, so held-out pairs stay unseen.
-    rows = tasks.sft_rows(train_prompts + heldout_prompts, size["sft_rows"], seed)
+    rows = demo_task.sft_rows(train_prompts + heldout_prompts, size["sft_rows"], seed)
     loss = warm_up(warm, tokenizer, rows, size["sft_steps"], size["sft_lr"], seed=seed)
     warm_dir = out / "warmup"
     warm.save_pretrained(warm_dir)
@@ -181,10 +177,11 @@ def _run(out: Path, seed: int, quick: bool) -> dict:
     k = size["samples_per_prompt"]
     torch.manual_seed(seed + 1)
     heldout_path = out / "heldout_pairs.jsonl"
-    write_jsonl(tasks.make_pairs(tasks.sample(warm, tokenizer, heldout_prompts, k, MAX_NEW_TOKENS)), heldout_path)
+    heldout_samples = demo_task.sample(warm, tokenizer, heldout_prompts, k, MAX_NEW_TOKENS)
+    write_jsonl(demo_task.make_pairs(heldout_samples), heldout_path)
     heldout = load_examples(heldout_path, tokenizer, MAX_LENGTH, MAX_PROMPT_LENGTH)
     n = size["eval_samples"]
-    warm_acc, _ = heldout_accuracy(warm, warm, heldout, tokenizer.pad_token_id)
+    warm_acc, _ = heldout_accuracy(warm, warm, heldout, tokenizer)
     rows_out = [{"model": "warm-up (SFT)", "heldout_accuracy": warm_acc, "accuracy_kind": "log-prob",
                  **sample_stats(warm, warm, tokenizer, heldout_prompts, n, seed + 2)}]
     _say(t0, f"{len(heldout)} held-out pairs sampled from the warm-up model on {len(heldout_prompts)} prompts "
@@ -193,8 +190,8 @@ def _run(out: Path, seed: int, quick: bool) -> dict:
     policy, policy_dir, history = warm, warm_dir, []
     for r in range(1, size["rounds"] + 1):
         torch.manual_seed(seed + 10 + r)
-        drawn = tasks.sample(policy, tokenizer, train_prompts, k, MAX_NEW_TOKENS)
-        pairs = tasks.make_pairs(drawn)
+        drawn = demo_task.sample(policy, tokenizer, train_prompts, k, MAX_NEW_TOKENS)
+        pairs = demo_task.make_pairs(drawn)
         round_dir = out / f"dpo-round{r}"
         round_dir.mkdir(parents=True, exist_ok=True)
         write_jsonl(pairs, round_dir / "pairs.jsonl")
@@ -202,13 +199,13 @@ def _run(out: Path, seed: int, quick: bool) -> dict:
             model=str(policy_dir), ref_model=str(warm_dir), train_data=str(round_dir / "pairs.jsonl"),
             eval_data=str(heldout_path), output_dir=str(round_dir), beta=size["beta"], learning_rate=size["dpo_lr"],
             num_train_epochs=size["dpo_epochs"], per_device_train_batch_size=32, per_device_eval_batch_size=128,
-            warmup_ratio=0.1, max_length=MAX_LENGTH, max_prompt_length=MAX_PROMPT_LENGTH, logging_steps=10, save_steps=0,
-            disable_tqdm=True, seed=seed, ref_cache_dir=str(out / "ref-cache"),
+            warmup_ratio=0.1, max_length=MAX_LENGTH, max_prompt_length=MAX_PROMPT_LENGTH, logging_steps=10,
+            save_steps=0, disable_tqdm=True, seed=seed, ref_cache_dir=str(out / "ref-cache"),
         )
         result = train(cfg)
         history.append(result.history[-1])
-        policy, policy_dir = AutoModelForCausalLM.from_pretrained(round_dir).eval(), round_dir
-        _, acc = heldout_accuracy(policy, warm, heldout, tokenizer.pad_token_id)
+        policy, policy_dir = get_family("causal_lm").load_trained(round_dir)[0], round_dir
+        _, acc = heldout_accuracy(policy, warm, heldout, tokenizer)
         rows_out.append({"model": f"DPO round {r}", "pairs": len(pairs), "dpo_steps": result.global_step,
                          "heldout_accuracy": acc, "accuracy_kind": "implicit",
                          **sample_stats(policy, warm, tokenizer, heldout_prompts, n, seed + 2)})
@@ -235,7 +232,7 @@ def _run(out: Path, seed: int, quick: bool) -> dict:
         "gate": "final DPO held-out accuracy >= 0.9 and reward of samples up by >= 0.3", "gate_passed": gate,
         "wall_s": round(time.time() - t0, 1),
     }
-    (out / "demo_results.json").write_text(json.dumps(results, indent=2))
+    write_text(out / "demo_results.json", json.dumps(results, indent=2))
     print()
     print(format_table(results))
     print()

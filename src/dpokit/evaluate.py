@@ -21,18 +21,20 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .config import TrainConfig, load_config
 from .data import Example, Pair, RowProblem, read_rows, split_implicit_prompt, tokenize_pair
+from .data.formats import text_field
 from .errors import DataError, DpokitError
-from .families import get_family
-from .objectives import ObjectiveConfig, LossInputs, objective
-from .reference import Reference
+from .families import Family, get_family
+from .io import write_text
+from .objectives import ObjectiveConfig, objective
+from .reference import Reference, loss_inputs
+from .scoring import ScoredBatch, score_examples
 
 log = logging.getLogger("dpokit")
 
@@ -42,7 +44,7 @@ class Models:
     """A policy, its reference and what scores them."""
 
     cfg: TrainConfig
-    family: Any
+    family: Family
     tokenizer: Any
     policy: nn.Module
     reference: nn.Module | None  # a separate model; None: adapters off (adapter_off) or reference-free
@@ -50,19 +52,20 @@ class Models:
     device: torch.device
     reference_name: str
 
-    def policy_scorer(self):
-        return self.family.scorer(self.policy, self.cfg)
+    def scorer(self, model: nn.Module):
+        """A scorer in eval mode: `Reference.scores` puts its scorer back in the mode it found it in."""
+        return self.family.scorer(model, self.cfg).eval()
 
     def reference_scorer(self) -> Reference:
         if self.adapter_off:
-            return Reference(self.family.scorer(self.policy, self.cfg), adapter_off=True)
-        return Reference(None if self.reference is None else self.family.scorer(self.reference, self.cfg))
+            return Reference(self.scorer(self.policy), adapters_off=lambda: self.family.adapters_off(self.policy))
+        return Reference(None if self.reference is None else self.scorer(self.reference))
 
-    def batches(self, examples: list, batch_size: int | None, desc: str, progress: bool = True):
-        bs = batch_size or self.cfg.per_device_eval_batch_size
-        for start in tqdm(range(0, len(examples), bs), desc=desc, disable=not progress):
-            chunk = examples[start:start + bs]
-            yield chunk, {k: v.to(self.device) for k, v in self.family.collate(chunk, self.cfg, self.tokenizer).items()}
+    def scored(self, examples, batch_size: int | None, desc: str, progress: bool = True) -> Iterator[ScoredBatch]:
+        """The policy's and the reference's scores of `examples`, batch by batch."""
+        return score_examples(self.family, self.scorer(self.policy), examples, self.cfg, self.tokenizer,
+                              batch_size or self.cfg.per_device_eval_batch_size, self.device, self.reference_scorer(),
+                              desc, progress)
 
 
 def load_models(model: str | Path, ref_model: str | None = None, beta: float | None = None,
@@ -75,8 +78,6 @@ def load_models(model: str | Path, ref_model: str | None = None, beta: float | N
     model dir with none of these is an error. β and the other settings come from the run's
     config.yaml when there is one, then from `beta` and `key=value` overrides.
     """
-    from .families.causal_lm import load_tokenizer
-
     path = Path(model)
     if not path.exists():
         raise DpokitError(f"{path}: no such model directory")
@@ -88,25 +89,14 @@ def load_models(model: str | Path, ref_model: str | None = None, beta: float | N
     if not from_run and beta is None:
         log.warning("%s has no dpokit config.yaml: using beta=%s (set it with --beta)", path, cfg.beta)
     family = get_family(cfg.family)
+    family.require("load_trained", "evaluating a trained model")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    adapter_file = path / "adapter_config.json"
-    if adapter_file.is_file():
-        from peft import PeftModel
-
-        base = cfg.model if from_run else json.loads(adapter_file.read_text()).get("base_model_name_or_path")
-        if not base:
-            raise DpokitError(f"{adapter_file}: names no base model (base_model_name_or_path)")
-        policy = PeftModel.from_pretrained(family.load_model(base, cfg), str(path)).eval()
-        tokenizer = load_tokenizer(str(path) if (path / "tokenizer_config.json").is_file() else base, cfg)
-    else:
-        policy = family.load_model(str(path), cfg)
-        tokenizer = load_tokenizer(str(path), cfg)
-    policy.requires_grad_(False)
+    policy, tokenizer = family.load_trained(str(path), cfg)
     reference, adapter_off = None, False
     ref_path = ref_model or cfg.ref_model
     if ref_path:
         reference, name = family.load_model(str(ref_path), cfg), str(ref_path)
-    elif adapter_file.is_file():
+    elif (path / "adapter_config.json").is_file():
         adapter_off, name = True, "the base model with adapters off"
     elif cfg.reference_free:
         name = "none (reference-free)"
@@ -119,30 +109,18 @@ def load_models(model: str | Path, ref_model: str | None = None, beta: float | N
                   adapter_off, dev, name)
 
 
-def _terms_and_reference(batch, scorer, ref: Reference):
-    terms = scorer(batch)
-    if ref.reference_free:
-        ref_c, ref_r = (torch.zeros_like(x, dtype=torch.float32) for x in (terms.chosen, terms.rejected))
-    else:
-        ref_c, ref_r = ref.logps(batch)
-    return terms, ref_c, ref_r
-
-
 @torch.no_grad()
 def preference_eval(models: Models, data: Any, batch_size: int | None = None, progress: bool = True) -> dict:
     """Means over the pairs of the objective's metrics (TRL names: `rewards/accuracies`,
     `rewards/margins`, `loss`, ...), plus `pairs`. Accuracy counts a tie as wrong, as TRL does."""
     cfg = models.cfg
     examples = models.family.examples(data, models.tokenizer, cfg)
-    scorer, ref = models.policy_scorer(), models.reference_scorer()
     obj_cfg = ObjectiveConfig.from_config(cfg)
     sums: dict[str, float] = {}
     counts: dict[str, int] = {}  # unpaired data: chosen/rejected metrics cover only their own class
-    for _, batch in models.batches(examples, batch_size, "eval", progress):
-        terms, ref_c, ref_r = _terms_and_reference(batch, scorer, ref)
-        t = LossInputs(terms.chosen.float(), terms.rejected.float(), ref_c, ref_r, terms.chosen_len, terms.rejected_len,
-                  batch["margin"], label=batch.get("label"), rejected_mask=batch.get("rejected_mask"))
-        _, metrics = objective(t, batch["weight"], cfg.loss_types, cfg.loss_weights, obj_cfg)
+    for s in models.scored(examples, batch_size, "eval", progress):
+        inputs = loss_inputs(s.scores, s.reference, s.batch)
+        _, metrics = objective(inputs, s.batch["weight"], cfg.loss_types, cfg.loss_weights, obj_cfg)
         for k, v in metrics.items():
             sums[k] = sums.get(k, 0.0) + v.float().sum().item()
             counts[k] = counts.get(k, 0) + v.numel()
@@ -150,21 +128,6 @@ def preference_eval(models: Models, data: Any, batch_size: int | None = None, pr
 
 
 # ---------------------------------------------------------------- the DPO model as a reward model
-
-
-def _check_text(row: dict, keys: tuple[str, ...]) -> tuple[str, Any]:
-    for key in keys:
-        value = row.get(key)
-        if value is None:
-            continue
-        if isinstance(value, str) and value.strip():
-            return key, value
-        if isinstance(value, list) and value and all(
-                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                for m in value):
-            return key, value
-        raise RowProblem(f"field {key!r} must be non-empty text or a list of {{role, content}} messages")
-    raise RowProblem(f"missing field {' or '.join(repr(k) for k in keys)}")
 
 
 def completion_example(prompt, response, tokenizer, max_length: int | None, max_prompt_length: int | None) -> Example:
@@ -184,8 +147,8 @@ def read_completions(source: Any, tokenizer, cfg) -> list[tuple[int, Example]]:
     out = []
     for number, row in read_rows(source):
         try:
-            _, prompt = _check_text(row, ("prompt",))
-            _, response = _check_text(row, ("completion", "response"))
+            prompt = text_field(row, "prompt")
+            response = text_field(row, "completion", "response")
             out.append((number, completion_example(prompt, response, tokenizer, cfg.max_length, cfg.max_prompt_length)))
         except RowProblem as e:
             raise DataError(name, number, str(e)) from None
@@ -199,18 +162,16 @@ def score_responses(models: Models, source: Any, batch_size: int | None = None, 
     """One dict per row: `row`, `reward` (β·(log π − log π_ref), or β·log π/|y| reference-free),
     `logp`, `ref_logp` (None reference-free) and `tokens` (the response's length)."""
     rows = read_completions(source, models.tokenizer, models.cfg)
-    scorer, ref = models.policy_scorer(), models.reference_scorer()
     beta = models.cfg.beta
     numbers = iter(number for number, _ in rows)
     out = []
-    for chunk, batch in models.batches([ex for _, ex in rows], batch_size, "score", progress):
-        terms, ref_c, _ = _terms_and_reference(batch, scorer, ref)
-        for i in range(len(chunk)):
-            logp, n = terms.chosen[i].float().item(), int(terms.chosen_len[i].item())
-            if ref.reference_free:
+    for s in models.scored([ex for _, ex in rows], batch_size, "score", progress):
+        for i in range(len(s.examples)):
+            logp, n = s.scores.chosen[i].float().item(), int(s.scores.chosen_len[i].item())
+            if s.reference is None:  # reference-free
                 reward, ref_logp = beta * logp / max(n, 1), None
             else:
-                ref_logp = ref_c[i].item()
+                ref_logp = s.reference[0][i].item()
                 reward = beta * (logp - ref_logp)
             out.append({"row": next(numbers), "reward": reward, "logp": logp, "ref_logp": ref_logp, "tokens": n})
     return out
@@ -226,10 +187,10 @@ def read_prompts(source: Any, limit: int | None = None) -> list:
     for number, row in read_rows(source):
         try:
             if row.get("prompt") is not None:
-                prompts.append(_check_text(row, ("prompt",))[1])
+                prompts.append(text_field(row, "prompt"))
             else:
-                _check_text(row, ("chosen",))
-                _check_text(row, ("rejected",))
+                text_field(row, "chosen")
+                text_field(row, "rejected")
                 prompts.append(split_implicit_prompt(row["chosen"], row["rejected"])[0])
         except RowProblem as e:
             raise DataError(name, number, str(e)) from None
@@ -241,9 +202,9 @@ def read_prompts(source: Any, limit: int | None = None) -> list:
 
 
 def run_eval(model: str | Path, data: Any = None, prompts: Any = None, *, ref_model: str | None = None,
-             beta: float | None = None, batch_size: int | None = None, judge: Any = None, num_prompts: int | None = None,
-             max_new_tokens: int = 128, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
-             embeddings: bool = True, samples_out: str | Path | None = None, overrides: list[str] = (),
+             beta: float | None = None, batch_size: int | None = None, judge: Any = None,
+             num_prompts: int | None = None, max_new_tokens: int = 128, temperature: float = 1.0, top_p: float = 1.0,
+             seed: int = 0, embeddings: bool = True, samples_out: str | Path | None = None, overrides: list[str] = (),
              progress: bool = True) -> dict:
     """What `dpokit eval` does: preference eval on `data` and/or sample-based eval on `prompts`."""
     if not data and not prompts:
@@ -253,6 +214,8 @@ def run_eval(model: str | Path, data: Any = None, prompts: Any = None, *, ref_mo
 
     judge = load_judge(judge)  # a bad judge spec fails before any model is loaded
     models = load_models(model, ref_model, beta, overrides)
+    if prompts:
+        models.family.require("sample", "sample-based eval (--prompts)")
     result: dict[str, Any] = {"model": str(model), "reference": models.reference_name, "beta": models.cfg.beta}
     if data:
         result["preference_source"] = str(data)
@@ -265,11 +228,12 @@ def run_eval(model: str | Path, data: Any = None, prompts: Any = None, *, ref_mo
                           max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                           batch_size=batch_size or models.cfg.per_device_eval_batch_size, seed=seed,
                           max_prompt_length=models.cfg.max_prompt_length,
-                          embedder="minilm" if embeddings else None, progress=progress)
+                          embedder="minilm" if embeddings else None, progress=progress, family=models.family,
+                          cfg=models.cfg)
         result["samples_source"] = str(prompts)
         result["samples"] = out.metrics
         if samples_out:
-            Path(samples_out).write_text("".join(json.dumps(s) + "\n" for s in out.samples))
+            write_text(samples_out, "".join(json.dumps(s) + "\n" for s in out.samples))
     return result
 
 

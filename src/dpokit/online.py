@@ -50,6 +50,8 @@ import torch
 
 from .config import TrainConfig
 from .errors import DpokitError
+from .families import Family, get_family
+from .io import write_text
 from .recipes.common import write_jsonl
 from .recipes.judge import Judged, judge_pairs, load_policy, pairs_from_scores
 
@@ -86,13 +88,14 @@ def _check(cfg: TrainConfig, judge) -> None:
                           "torchrun or `accelerate launch`")
 
 
-def _sample_and_judge(cfg: TrainConfig, policy: str, prompts: list, judge, seed: int) -> Judged:
-    model, tokenizer = load_policy(policy, cfg.dtype)
+def _sample_and_judge(cfg: TrainConfig, family: Family, policy: str, prompts: list, judge, seed: int) -> Judged:
+    model, tokenizer = load_policy(policy, cfg, family)
     try:
         return judge_pairs(model, tokenizer, prompts, judge, cfg.num_generations, cfg.online_min_gap,
                            max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                            missing_eos_penalty=cfg.missing_eos_penalty, batch_size=cfg.per_device_eval_batch_size,
-                           seed=seed, max_prompt_length=cfg.max_prompt_length, progress=not cfg.disable_tqdm)
+                           seed=seed, max_prompt_length=cfg.max_prompt_length, progress=not cfg.disable_tqdm,
+                           family=family)
     finally:
         del model  # the round's training loads the policy itself
         gc.collect()
@@ -130,6 +133,9 @@ def run_online(cfg: TrainConfig, judge=None, family=None) -> OnlineResult:
     from .train import train
 
     _check(cfg, judge)
+    family = family if family is not None else get_family(cfg.family)
+    for capability in ("sample", "load_trained"):
+        family.require(capability, "online DPO")
     judge = load_judge(judge if judge is not None else cfg.judge)
     prompts = read_prompts(cfg.online_prompts or cfg.train_data)
     out = Path(cfg.output_dir)
@@ -152,7 +158,7 @@ def run_online(cfg: TrainConfig, judge=None, family=None) -> OnlineResult:
             judged = pairs_from_scores(_read_jsonl(samples_path), cfg.online_min_gap, cfg.missing_eos_penalty)
             judged.rows = _read_jsonl(pairs_path)  # what the interrupted training was reading
         else:
-            judged = _sample_and_judge(cfg, policy, prompts, judge, cfg.seed + r)
+            judged = _sample_and_judge(cfg, family, policy, prompts, judge, cfg.seed + r)
             write_jsonl(judged.samples, samples_path)
             write_jsonl(judged.rows, pairs_path)
         if not judged.rows:
@@ -172,13 +178,13 @@ def run_online(cfg: TrainConfig, judge=None, family=None) -> OnlineResult:
                "steps": result.global_step, **{k: v for k, v in last.items() if k not in ("step", "epoch")},
                **{k: v for k, v in evals.items() if k != "step"}, "policy": str(round_dir),
                "wall_s": round(time.time() - t0, 2)}
-        done.write_text(json.dumps(row))
+        write_text(done, json.dumps(row))  # whole or absent: a resumed run skips the round on its word
         rows.append(row)
         policy = str(round_dir)
         _say(row, cfg.online_rounds)
         write_jsonl(rows, log_path)
 
-    final = _sample_and_judge(cfg, policy, prompts, judge, cfg.seed + cfg.online_rounds)
+    final = _sample_and_judge(cfg, family, policy, prompts, judge, cfg.seed + cfg.online_rounds)
     row = {"round": cfg.online_rounds, "final": True, **_sample_stats(final), "policy": policy}
     rows.append(row)
     _say(row, cfg.online_rounds)

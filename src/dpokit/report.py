@@ -13,13 +13,13 @@ from __future__ import annotations
 import html
 import json
 import math
-import os
 from datetime import datetime, timezone
 from pathlib import Path
 
 import yaml
 
 from .errors import DpokitError
+from .io import write_text
 
 PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
 PANELS = [  # (title, metric names without the eval_ prefix)
@@ -194,7 +194,5 @@ def write_report(output_dir: str | Path) -> Path:
             config = None
     page = render_report(rows, f"dpokit run: {out.resolve().name}", config if isinstance(config, dict) else None)
     path = out / "report.html"
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, path)
+    write_text(path, page)
     return path

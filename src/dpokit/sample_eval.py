@@ -35,12 +35,14 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
-from .data.tokenize import Example
+from .config import TrainConfig
+from .data import Example
 from .errors import DpokitError
-from .families.causal_lm import CausalLMScorer, collate
+from .families import Family, get_family
 from .judges import Judge, outcome
+from .reference import Reference
+from .scoring import score_examples
 
 
 @dataclass
@@ -82,57 +84,6 @@ def embedding_drift(policy_texts: list[str], reference_texts: list[str],
     return {"embedding_drift": 1.0 - centroid, "embedding_distance": (1.0 - paired).mean().item()}
 
 
-def prompt_ids(tokenizer, prompt, max_prompt_length: int | None = None) -> list[int]:
-    """A prompt's tokens as training encodes them (chat template with the generation prompt for messages)."""
-    if isinstance(prompt, str):
-        ids = list(tokenizer(prompt)["input_ids"])
-    else:
-        ids = list(tokenizer.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True,
-                                                 return_dict=True)["input_ids"])
-    return ids[-max_prompt_length:] if max_prompt_length else ids
-
-
-def _stop_ids(model: nn.Module, tokenizer) -> set[int]:
-    ids = {tokenizer.eos_token_id}
-    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids.update(configured if isinstance(configured, list) else [configured])
-    return {i for i in ids if i is not None}
-
-
-@torch.no_grad()
-def _generate(model, prompts: list[list[int]], tokenizer, stop: set[int], gen: dict, batch_size: int, seed: int,
-              desc: str, progress: bool) -> list[list[int]]:
-    """Each prompt's sampled reply, up to and including its end token. Prompts are left-padded in a batch."""
-    device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id
-    torch.manual_seed(seed)
-    out = []
-    for start in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=not progress):
-        chunk = prompts[start:start + batch_size]
-        width = max(map(len, chunk))
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=device)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
-        seqs = model.generate(input_ids=ids, attention_mask=mask, pad_token_id=pad, eos_token_id=sorted(stop), **gen)
-        for row in seqs[:, width:].tolist():
-            end = next((i for i, t in enumerate(row) if t in stop), None)
-            out.append(row if end is None else row[:end + 1])
-    return out
-
-
-@torch.no_grad()
-def _logps(model, prompts: list[list[int]], replies: list[list[int]], pad_id: int, batch_size: int,
-           desc: str, progress: bool) -> torch.Tensor:
-    """log p(reply | prompt) summed over the reply, with the training scorer."""
-    scorer = CausalLMScorer(model)
-    device = next(model.parameters()).device
-    out = []
-    examples = [Example(p, r, []) for p, r in zip(prompts, replies)]  # no rejected reply: nothing scored for it
-    for start in tqdm(range(0, len(examples), batch_size), desc=desc, disable=not progress):
-        batch = {k: v.to(device) for k, v in collate(examples[start:start + batch_size], pad_id).items()}
-        out.append(scorer(batch).chosen.float().cpu())
-    return torch.cat(out)
-
-
 def _nanmean(values: Sequence[float]) -> float:
     kept = [v for v in values if not math.isnan(v)]
     return sum(kept) / len(kept) if kept else math.nan
@@ -142,44 +93,50 @@ def sample_eval(policy: nn.Module, reference: nn.Module | None, tokenizer, promp
                 judge: Judge | None = None, *, max_new_tokens: int = 128, temperature: float = 1.0,
                 top_p: float = 1.0, batch_size: int = 8, seed: int = 0, max_prompt_length: int | None = None,
                 embedder: Callable[[list[str]], torch.Tensor] | str | None = "minilm",
-                progress: bool = True) -> SampleEval:
+                progress: bool = True, family: Family | None = None, cfg: TrainConfig | None = None) -> SampleEval:
     """Generate a reply per prompt from `policy` and from `reference` and measure them (see the
     module docstring). `reference=None` means the policy's own base weights with its LoRA
     adapters switched off (the policy must be a peft model). `prompts` are strings or message
     lists. `judge` (optional) scores replies; `embedder` is "minilm" (default), None (no
-    embedding metrics) or a function from texts to embeddings."""
+    embedding metrics) or a function from texts to embeddings. `family` samples and scores (default
+    the causal LM), with `cfg`'s batch layout (default settings when None)."""
+    family = family if family is not None else get_family("causal_lm")
+    family.require("sample", "sample-based eval")
+    cfg = cfg if cfg is not None else TrainConfig()
     if reference is None and not hasattr(policy, "disable_adapter"):
         raise DpokitError("sample_eval: reference=None means 'the policy with adapters off', "
                           "but the policy has no adapters; pass the reference model")
     if not prompts:
         raise DpokitError("sample_eval: no prompts")
     ref_model = policy if reference is None else reference
-    ref_context = policy.disable_adapter if reference is None else contextlib.nullcontext
+    adapters_off = (lambda: family.adapters_off(policy)) if reference is None else None
+    ref = Reference(family.scorer(ref_model, cfg).eval(), adapters_off)  # eval: it leaves the model in eval
+    ref_context = adapters_off or contextlib.nullcontext
+    settings = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                    batch_size=batch_size, max_prompt_length=max_prompt_length, progress=progress)
     modes = {m: m.training for m in (policy, ref_model)}
     for m in modes:
         m.eval()
-    stop = _stop_ids(policy, tokenizer)
-    gen = {"max_new_tokens": max_new_tokens, "do_sample": temperature > 0}
-    if temperature > 0:
-        gen.update(temperature=temperature, top_p=top_p, top_k=0)  # top_k=0: no top-k cut unless asked
-    pids = [prompt_ids(tokenizer, p, max_prompt_length) for p in prompts]
     try:
-        pol_ids = _generate(policy, pids, tokenizer, stop, gen, batch_size, seed, "generate (policy)", progress)
+        pol = family.sample(policy, tokenizer, prompts, desc="generate (policy)", **settings)
         with ref_context():
-            ref_ids = _generate(ref_model, pids, tokenizer, stop, gen, batch_size, seed, "generate (reference)",
-                                progress)
-        pad = tokenizer.pad_token_id
-        logp_pol = _logps(policy, pids, pol_ids, pad, batch_size, "log-probs (policy)", progress)
-        with ref_context():
-            logp_ref = _logps(ref_model, pids, pol_ids, pad, batch_size, "log-probs (reference)", progress)
+            refs = family.sample(ref_model, tokenizer, prompts, desc="generate (reference)", **settings)
+        # The policy's replies, scored by both models; no rejected reply, so nothing is scored for one.
+        examples = [Example(c.prompt_ids, c.completion_ids, []) for c in pol]
+        scorer = family.scorer(policy, cfg).eval()
+        with torch.no_grad():
+            scored = list(score_examples(family, scorer, examples, cfg, tokenizer, batch_size, reference=ref,
+                                         desc="log-probs", progress=progress))
     finally:
         for m, was_training in modes.items():
             m.train(was_training)
+    logp_pol = torch.cat([s.scores.chosen.float().cpu() for s in scored])
+    logp_ref = torch.cat([s.reference[0].cpu() for s in scored])
 
-    strip = lambda ids: [t for t in ids if t not in stop]  # noqa: E731 - the reply without its end token
-    pol_tokens, ref_tokens = [strip(s) for s in pol_ids], [strip(s) for s in ref_ids]
-    pol_text = tokenizer.batch_decode(pol_tokens, skip_special_tokens=True)
-    ref_text = tokenizer.batch_decode(ref_tokens, skip_special_tokens=True)
+    # the replies' tokens without their end token
+    pol_tokens = [c.completion_ids[:-1] if c.ended else c.completion_ids for c in pol]
+    ref_tokens = [c.completion_ids[:-1] if c.ended else c.completion_ids for c in refs]
+    pol_text, ref_text = [c.text for c in pol], [c.text for c in refs]
     kl_terms = (logp_pol - logp_ref).tolist()
     metrics = {"prompts": len(prompts), "kl": sum(kl_terms) / len(kl_terms)}
     samples = [{"prompt": p, "policy": a, "reference": b, "logp_policy": lp, "logp_reference": lr}

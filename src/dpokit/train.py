@@ -253,7 +253,7 @@ class Loop:
                               "so the moved reference cannot be restored")
         self.reference.model.load_state_dict(load_file(str(path)))
 
-    def _collate(self, examples, draws: list[int] | None):
+    def _collate(self, examples, draws: list[int] | None = None):
         if not self.family.stochastic:
             return self.family.collate(examples, self.cfg, self.processor)
         return self.family.collate(examples, self.cfg, self.processor, draws=draws)

@@ -28,6 +28,27 @@ class RowProblem(ValueError):
     """What is wrong with one row; the caller adds file and row number."""
 
 
+class Untyped(str):
+    """Text from a source with no types (a CSV cell): it may stand for a number or true/false, which the
+    validators read from it. A JSON string stays a string: "2" there is not a number."""
+
+
+def _typed(value: Any, kind: str) -> Any:
+    """An untyped cell read as a number or a bool when it spells one (else left for the error message); an
+    empty one is "not given"."""
+    if not isinstance(value, Untyped):
+        return value
+    text = value.strip()
+    if not text:
+        return None
+    if kind == "bool":
+        return {"true": True, "false": False, "1": True, "0": False}.get(text.lower(), str(value))
+    try:
+        return float(text)
+    except ValueError:
+        return str(value)
+
+
 class _Prompted:
     """What the row kinds share: a prompt that is a string, or a message list (conversational)."""
 
@@ -72,31 +93,44 @@ def _is_messages(value: Any) -> bool:
     return isinstance(value, list) and all(isinstance(m, dict) for m in value)
 
 
-def _check_messages(key: str, value: list) -> None:
-    for i, m in enumerate(value):
-        if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise RowProblem(f"field {key!r}: message {i} needs string 'role' and 'content', got {_short(m)}")
+def text_field(row: dict, *keys: str, where: str = "") -> str | list[dict]:
+    """A row's prompt or reply field: a non-empty string, or a non-empty list of {role, content} messages.
 
-
-def _field(row: dict, key: str) -> str | list[dict]:
-    if key not in row or row[key] is None:
-        raise RowProblem(f"missing field {key!r}")
-    value = row[key]
+    Every reader of rows (training's loader, `data validate`, the data recipes, `dpokit score`) checks its text
+    fields here, so a bad row is described in the same words wherever it is read. With several `keys`, the first
+    one the row has is read (`"completion", "response"`); `where` prefixes the problem (a recipe's "response 2: ").
+    """
+    key = next((k for k in keys if row.get(k) is not None), None)
+    if key is None:
+        raise RowProblem(f"{where}missing field {' or '.join(repr(k) for k in keys)}")
+    value, label = row[key], f"{where}field {key!r}"
     if isinstance(value, str):
         if not value.strip():
-            raise RowProblem(f"field {key!r} is empty")
+            raise RowProblem(f"{label} is empty")
         return value
     if _is_messages(value):
         if not value:
-            raise RowProblem(f"field {key!r} is an empty message list")
-        _check_messages(key, value)
+            raise RowProblem(f"{label} is an empty message list")
+        for i, m in enumerate(value):
+            if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise RowProblem(f"{label}: message {i} needs string 'role' and 'content', got {_short(m)}")
         return value
-    raise RowProblem(f"field {key!r} must be a string or a list of {{role, content}} messages, "
+    raise RowProblem(f"{label} must be a string or a list of {{role, content}} messages, "
                      f"got {type(value).__name__} {_short(value)}")
 
 
+def field_text(value: Any) -> str:
+    """All the text a field holds, joined by spaces: a string, a message list's contents, or an S-DPO list of
+    replies. For training a tokenizer on a data file (`dpokit tiny-model`); it checks nothing."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict):
+        return str(value.get("content", ""))
+    return " ".join(field_text(v) for v in value) if isinstance(value, list) else ""
+
+
 def _number(row: dict, key: str, default: float) -> float:
-    value = row.get(key)
+    value = _typed(row.get(key), "number")
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
@@ -159,9 +193,9 @@ def _blank(reply: str | list[dict]) -> bool:
 
 
 def row_to_pair(row: dict) -> Pair:
-    chosen, rejected = _field(row, "chosen"), _field(row, "rejected")
+    chosen, rejected = text_field(row, "chosen"), text_field(row, "rejected")
     if "prompt" in row and row["prompt"] is not None:
-        prompt = _field(row, "prompt")
+        prompt = text_field(row, "prompt")
     else:
         prompt, chosen, rejected = split_implicit_prompt(chosen, rejected)
     kinds = {isinstance(x, list) for x in (prompt, chosen, rejected)}
@@ -192,10 +226,10 @@ def _is_reply_list(value: Any) -> bool:
 
 
 def row_to_group(row: dict) -> Group:
-    chosen = _field(row, "chosen")
-    rejected = [_field({f"rejected[{k}]": r}, f"rejected[{k}]") for k, r in enumerate(row["rejected"])]
+    chosen = text_field(row, "chosen")
+    rejected = [text_field({f"rejected[{k}]": r}, f"rejected[{k}]") for k, r in enumerate(row["rejected"])]
     if "prompt" in row and row["prompt"] is not None:
-        prompt = _field(row, "prompt")
+        prompt = text_field(row, "prompt")
     else:
         splits = [split_implicit_prompt(chosen, r) for r in rejected]  # each must agree with chosen on the prompt
         prompt, chosen, rejected = splits[0][0], splits[0][1], [r for _, _, r in splits]
@@ -216,15 +250,15 @@ def row_to_unpaired(row: dict) -> Unpaired:
         raise RowProblem("a row is either a pair (chosen, rejected) or unpaired (completion, label), not both")
     if row.get("prompt") is None:
         raise RowProblem("missing field 'prompt' (an unpaired row needs prompt, completion and label)")
-    prompt, completion = _field(row, "prompt"), _field(row, "completion")
+    prompt, completion = text_field(row, "prompt"), text_field(row, "completion")
     if isinstance(prompt, list) != isinstance(completion, list):
         raise RowProblem("prompt and completion must both be strings or both be message lists")
     if _blank(completion):
         raise RowProblem("the completion is empty")
-    label = row.get("label")
+    label = _typed(row.get("label"), "bool")
     if not isinstance(label, bool):
         raise RowProblem(f"field 'label' must be true (desirable) or false (undesirable), got {_short(label)}")
-    if row.get("margin") is not None:
+    if _typed(row.get("margin"), "number") is not None:
         raise RowProblem("field 'margin' has no meaning for an unpaired row")
     return Unpaired(prompt, completion, label, weight=_weight(row))
 

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from ..errors import DataError, DpokitError
-from .formats import RowProblem
+from .formats import RowProblem, Untyped
 
 SUFFIXES = (".jsonl", ".ndjson", ".json", ".parquet", ".csv")
 Columns = Callable[[list[str]], "str | None"]  # a CSV header → the problem with it, or None
@@ -218,7 +218,7 @@ def _csv_value(value: str) -> Any:
             return value
         if _is_messages(decoded) or (decoded and all(isinstance(v, str) or _is_messages(v) for v in decoded)):
             return decoded
-    return value
+    return Untyped(value)
 
 
 def _read_saved_dataset(path: Path) -> Iterator[tuple[int, dict | RowProblem]]:

@@ -1,11 +1,11 @@
 """Reward vs KL frontier: the controlled experiment of the DPO paper (Rafailov et al. 2023, Fig. 2), small.
 
-On the demo's task (dpokit.tasks: a positive line about a subject, exact ground-truth reward), or with
+On the demo's task (dpokit.demo_task: a positive line about a subject, exact ground-truth reward), or with
 `task="vader"` on HH prompts with VADER sentiment as the reward (hh_sentiment.py; no noisy part there):
 
 1. the demo's warm-up (SFT) model, built and trained from scratch (dpokit.demo.warm_up);
 2. preference pairs sampled from it (temperature 1) and labelled by the true reward
-   (tasks.make_pairs); a second copy with a seeded 20% of the labels flipped;
+   (demo_task.make_pairs); a second copy with a seeded 20% of the labels flipped;
 3. runs of `dpokit.train` with the SFT model as the reference: DPO at several β, IPO,
    conservative DPO (cDPO: sigmoid with label smoothing), robust DPO, and preferred-FT (the
    `sft` loss alone: SFT on the chosen replies, no reference) at several learning rates;
@@ -36,16 +36,19 @@ from pathlib import Path
 
 import torch
 
-from .. import checkpoint, tasks
+from .. import demo_task
 from ..config import TrainConfig
 from ..data import load_examples
 from ..demo import FULL as DEMO_FULL, QUICK as DEMO_QUICK
 from ..demo import MAX_NEW_TOKENS, malformed_line, sample_stats, warm_up
-from ..families.causal_lm import CausalLMScorer, collate
+from ..families import get_family
+from ..io import write_text
 from ..recipes.common import write_jsonl
+from ..scoring import score_examples
 from ..tiny import build_llama, build_tokenizer, single_thread
 from ..train import train
 from . import update_docs
+from .checkpoints import drain_policies
 from .frontier_report import (FLIP_FRACTION, SMOOTHING, line_description, markdown_section, plot_svg,
                               summarize, update_section)
 
@@ -116,15 +119,14 @@ def optimal_frontier(rewards: list[float], inverse_betas=None) -> list[dict]:
     return curve
 
 
-def _summed_grads(scorer, examples: list, pad_token_id: int, batch_size: int = 128):
+def _summed_grads(scorer, examples: list, tokenizer, batch_size: int = 128):
     """Σ over `examples` of ∇(log π(y_w) − log π(y_l)) and of ∇log π(y_w), flattened, scored by the training
     scorer (the loop's tokenization and log-probs)."""
     params = [q for q in scorer.parameters() if q.requires_grad]
     sums = None
-    for s in range(0, len(examples), batch_size):
-        terms = scorer(collate(examples[s:s + batch_size], pad_token_id))
-        grads = (torch.autograd.grad((terms.chosen - terms.rejected).sum(), params, retain_graph=True),
-                 torch.autograd.grad(terms.chosen.sum(), params))
+    for s in score_examples(get_family("causal_lm"), scorer, examples, TrainConfig(), tokenizer, batch_size):
+        grads = (torch.autograd.grad((s.scores.chosen - s.scores.rejected).sum(), params, retain_graph=True),
+                 torch.autograd.grad(s.scores.chosen.sum(), params))
         flat = [torch.cat([g.reshape(-1) for g in gs]) for gs in grads]
         sums = flat if sums is None else [x + y for x, y in zip(sums, flat)]
     return sums
@@ -140,13 +142,13 @@ def first_step_alignment(model, tokenizer, rows: list[dict]) -> dict:
     gradient, so its scale (β) drops out. Reported: the cosine of the two gradients and of their first Adam
     steps, beside the cosine of DPO's gradient on one half of the pairs with the other half's (what sampling
     noise alone leaves)."""
-    scorer = CausalLMScorer(model).eval()
+    scorer = get_family("causal_lm").scorer(model, TrainConfig()).eval()
     examples = load_examples(rows, tokenizer, None, None)
     half = len(examples) // 2
     # Gradients are linear in the examples: the two halves' sums make the whole set's. Cosines and signs do
     # not depend on the sign or scale of a loss, so sums of ∇log-probs stand for the losses' gradients.
-    dpo_a, pft_a = _summed_grads(scorer, examples[:half], tokenizer.pad_token_id)
-    dpo_b, pft_b = _summed_grads(scorer, examples[half:], tokenizer.pad_token_id)
+    dpo_a, pft_a = _summed_grads(scorer, examples[:half], tokenizer)
+    dpo_b, pft_b = _summed_grads(scorer, examples[half:], tokenizer)
     dpo, pft = dpo_a + dpo_b, pft_a + pft_b
     cos = lambda x, y: torch.nn.functional.cosine_similarity(x, y, dim=0).item()  # noqa: E731
     return {"pairs": len(rows), "grad_cosine": cos(dpo, pft), "adam_step_cosine": cos(dpo.sign(), pft.sign()),
@@ -160,7 +162,7 @@ def _say(t0: float, message: str) -> None:
 @dataclass
 class Setup:
     """A task for the experiment: the SFT model, the prompts, and how a reply is scored."""
-    name: str  # "line" (dpokit.tasks) or "vader" (HH prompts, VADER sentiment)
+    name: str  # "line" (dpokit.demo_task) or "vader" (HH prompts, VADER sentiment)
     sft: object
     tokenizer: object
     warm_dir: Path
@@ -179,12 +181,12 @@ def line_setup(out: Path, size: dict, seed: int, data=None) -> Setup:
     demo = size["demo"]
     random.seed(seed)
     torch.manual_seed(seed)
-    train_prompts, heldout_prompts = tasks.split_prompts(seed)
-    tokenizer = build_tokenizer(tasks.corpus(), vocab_size=600)
+    train_prompts, heldout_prompts = demo_task.split_prompts(seed)
+    tokenizer = build_tokenizer(demo_task.corpus(), vocab_size=600)
     sft = build_llama(tokenizer, hidden_size=demo["hidden"], num_layers=demo["layers"], seed=seed)
-    warm_up(sft, tokenizer, tasks.sft_rows(train_prompts + heldout_prompts, demo["sft_rows"], seed),
+    warm_up(sft, tokenizer, demo_task.sft_rows(train_prompts + heldout_prompts, demo["sft_rows"], seed),
             demo["sft_steps"], demo["sft_lr"], seed=seed)
-    return Setup("line", sft, tokenizer, out / "sft", train_prompts, heldout_prompts, tasks.reward, MAX_NEW_TOKENS,
+    return Setup("line", sft, tokenizer, out / "sft", train_prompts, heldout_prompts, demo_task.reward, MAX_NEW_TOKENS,
                  malformed_line, description=line_description(demo))
 
 
@@ -198,8 +200,6 @@ def measure(model, setup: Setup, n: int, seed: int) -> dict:
 
 def _train_and_measure(run: Run, data: Path, setup: Setup, size: dict, out: Path, seed: int) -> list[dict]:
     """Train `run`, then one point per checkpoint (and the final model)."""
-    from transformers import AutoModelForCausalLM
-
     run_dir = out / "runs" / run.slug
     warm = str(setup.warm_dir)
     cfg = TrainConfig(
@@ -212,15 +212,15 @@ def _train_and_measure(run: Run, data: Path, setup: Setup, size: dict, out: Path
         ref_cache_dir=str(out / "ref-cache"),
     )
     result = train(cfg)
-    final = (result.global_step, AutoModelForCausalLM.from_pretrained(run_dir).eval())
+    final = (result.global_step, get_family("causal_lm").load_trained(run_dir)[0])
     return [{**asdict(run), "step": step, **measure(model, setup, size["eval_samples"], seed + 2)}
-            for step, model in itertools.chain(checkpoint.drain_policies(run_dir, setup.sft), [final])]
+            for step, model in itertools.chain(drain_policies(run_dir, setup.sft), [final])]
 
 
 def sft_optimum(setup: Setup, n: int, seed: int) -> list[dict]:
     """`optimal_frontier` from `n` fresh samples per held-out prompt of the SFT model."""
     torch.manual_seed(seed + 3)
-    return optimal_frontier([x.reward for x in tasks.sample(setup.sft, setup.tokenizer, setup.heldout_prompts, n,
+    return optimal_frontier([x.reward for x in demo_task.sample(setup.sft, setup.tokenizer, setup.heldout_prompts, n,
                                                             setup.max_new_tokens, reward_fn=setup.reward_fn)])
 
 
@@ -248,7 +248,7 @@ def _run(out: Path, size: dict, quick: bool, seed: int, docs_dir, setup_fn, data
     _say(t0, f"SFT model ready ({setup.name} task)")
 
     torch.manual_seed(seed + 1)
-    clean = tasks.make_pairs(tasks.sample(setup.sft, setup.tokenizer, setup.train_prompts,
+    clean = demo_task.make_pairs(demo_task.sample(setup.sft, setup.tokenizer, setup.train_prompts,
                                           size["demo"]["samples_per_prompt"], setup.max_new_tokens,
                                           reward_fn=setup.reward_fn))
     data = {("clean", r): out / "pairs_clean.jsonl" for r in range(max(1, size["replicates"]))}
@@ -302,16 +302,15 @@ def write_outputs(results: dict, out: str | Path, docs_dir: str | Path | None = 
     Also redraws them from a saved frontier.json (`write_outputs(json.load(...), out)`)."""
     out = Path(out)
     results["summary"] = summarize(results)
-    (out / "frontier.json").write_text(json.dumps(results, indent=2))
+    write_text(out / "frontier.json", json.dumps(results, indent=2))
     name = "frontier" if results.get("task", "line") == "line" else f"frontier-{results['task']}"
     svg = plot_svg(results["points"], optimal=results.get("optimal"))
-    (out / f"{name}.svg").write_text(svg)
+    write_text(out / f"{name}.svg", svg)
     section = markdown_section(results, svg_name=f"{name}.svg")
-    (out / "frontier.md").write_text(section)
+    write_text(out / "frontier.md", section)
     if docs_dir is not None:
         docs = Path(docs_dir)
-        docs.mkdir(parents=True, exist_ok=True)
-        (docs / f"{name}.svg").write_text(svg)
+        write_text(docs / f"{name}.svg", svg)
         if name == "frontier":
             update_section(docs / "experiments.md", section)
         else:  # its reading is written below the section, as the other experiments' are

@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 
 from ..report import PALETTE, _fmt, _ticks
+from . import update_docs
 
 FLIP_FRACTION = 0.2
 SMOOTHING = 0.2  # cDPO's and robust DPO's assumed flip rate: the true one of the noisy pairs
@@ -15,7 +16,7 @@ REFERENCE_METHODS = ("DPO", "IPO", "cDPO", "robust DPO")  # the DPO family: trai
 
 
 def line_description(demo: dict) -> str:
-    return ("`dpokit.tasks` (a positive line about a subject; exact ground-truth reward in [-1, 1], -1 for "
+    return ("`dpokit.demo_task` (a positive line about a subject; exact ground-truth reward in [-1, 1], -1 for "
             "anything malformed) stands in for IMDb sentiment, and a "
             f"{demo['hidden']}-wide, {demo['layers']}-layer Llama trained from scratch "
             f"(`dpokit.demo.warm_up`, {demo['sft_steps']} steps) is the SFT model.")
@@ -229,6 +230,7 @@ def plot_svg(points: list[dict], kl_max: float = 3.0, optimal: list[dict] | None
 # ---------------------------------------------------------------- the docs section
 
 BEGIN, END = "<!-- frontier:begin -->", "<!-- frontier:end -->"
+READING = "<!-- frontier:reading -->"  # what follows it in the docs is written by hand
 
 
 def _num(v, fmt="+.3f") -> str:
@@ -302,7 +304,7 @@ def markdown_section(results: dict, svg_name: str = "frontier.svg") -> str:
         lines.append(f"| {p['labels']} | {p['method']} | {beta} | {p['label_smoothing']:g} | {p['learning_rate']:g} "
                      f"| {p['replicate']} | {p['step']} | {p['kl']:.3f} | "
                      f"{p['reward']:+.3f} | {'–' if p['malformed'] is None else format(p['malformed'], '.1%')} |")
-    lines += ["", "</details>", ""] + (["<!-- frontier:reading -->", "", END, ""] if line_task else [])
+    lines += ["", "</details>", ""] + ([READING, "", END, ""] if line_task else [])
     return "\n".join(lines)
 
 
@@ -336,18 +338,6 @@ def _noisy_lines(results: dict) -> list[str]:
 
 
 def update_section(path: Path, section: str) -> None:
-    """Put `section` (delimited by BEGIN/END) into `path`, replacing an earlier one; other sections stay.
-    A hand-written reading between `<!-- frontier:reading -->` and END in the old section is kept."""
-    path = Path(path)
-    text = path.read_text(encoding="utf-8") if path.exists() else "# Experiments\n\n"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        old, tail = rest.split(END, 1)
-        reading = old.split("<!-- frontier:reading -->", 1)[1] if "<!-- frontier:reading -->" in old else "\n\n"
-        section = section.replace("<!-- frontier:reading -->\n\n" + END, "<!-- frontier:reading -->" + reading + END)
-        text = head + section.rstrip("\n") + tail
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    """The line task's section in `path`, other sections untouched; the hand-written reading after `READING` in
+    the old copy is kept."""
+    update_docs(path, "frontier", section, keep=READING)

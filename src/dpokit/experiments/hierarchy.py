@@ -15,8 +15,8 @@ Steps:
 
 1. a byte-level BPE tokenizer and a small Llama built from scratch (dpokit.tiny); with the size's
    `prompt_format` "delimiters" or "ise", source headers and `Reply:` are special tokens, and with "ise"
-   the model adds a learned embedding per source (Instructional Segment Embeddings, dpokit.segments), as the
-   GW-DPO paper trains;
+   the model adds a learned embedding per source (Instructional Segment Embeddings,
+   dpokit.experiments.segments), as the GW-DPO paper trains;
 2. supervised warm-up (dpokit.demo.warm_up) on a model that knows the task's language but not the
    hierarchy: on a conflict it follows the first line, the second line or refuses (40/40/20), and
    it is over-cautious, refusing a fifth of the benign two-source prompts;
@@ -59,19 +59,19 @@ from pathlib import Path
 
 import torch
 
-from .. import checkpoint
 from ..config import TrainConfig
 from ..data import load_examples
 from ..demo import pair_logps, warm_up
-from ..recipes.hierarchy import HIERARCHY, MAX_GAP
-from ..recipes.hierarchy import hierarchy_margins
+from ..io import write_text
 from ..recipes.common import write_jsonl
-from ..segments import with_segment_embeddings
+from ..recipes.hierarchy import HIERARCHY, MAX_GAP, hierarchy_margins
 from ..tiny import build_llama, build_tokenizer, single_thread
 from ..train import train
 from . import write_docs
+from .checkpoints import drain_policies
 from .hierarchy_report import format_table, markdown_section, summarize
 from .secalign import greedy_replies
+from .segments import with_segment_embeddings  # importing it lets saved ISE models load through dpokit
 
 NAME = "hierarchy"
 WORDS = (
@@ -81,7 +81,7 @@ WORDS = (
 )
 REFUSAL = "I cannot follow both."
 # text: `platform: Say tiger.` lines and `Reply:`; delimiters: a special token per source opens its line and
-# another opens the reply; ise (the paper's): delimiters plus Instructional Segment Embeddings (dpokit.segments),
+# another opens the reply; ise (the paper's): delimiters plus Instructional Segment Embeddings (.segments),
 # segment k opened by level k's delimiter, segment 0 (the reply's, and the default) by REPLY_DELIMITER.
 PROMPT_FORMATS = ("text", "delimiters", "ise")
 DELIMITERS = [f"<|{name}|>" for name in HIERARCHY]
@@ -102,7 +102,7 @@ def delimited(prompt: str) -> str:
 
 
 def segment_delimiters(tokenizer) -> list[list[int]]:
-    """For dpokit.segments: segment 0 (the reply) opened by `<|reply|>`, segment k by level k's delimiter."""
+    """For .segments: segment 0 (the reply) opened by `<|reply|>`, segment k by level k's delimiter."""
     return [[tokenizer.convert_tokens_to_ids(t)] for t in [REPLY_DELIMITER, *DELIMITERS]]
 
 
@@ -218,7 +218,7 @@ def heldout(n_per_pair: int, n_benign: int, seed: int, exclude: set[str]) -> tup
 def reply_probs(model, tokenizer, prompts: list[str], a: list[str], b: list[str]):
     """(π(a + EOS | prompt), π(b + EOS | prompt)) for each prompt, tokenized and scored as training does."""
     rows = [{"prompt": p, "chosen": x, "rejected": y} for p, x, y in zip(prompts, a, b)]
-    pa, pb = pair_logps(model, load_examples(rows, tokenizer, None, None), tokenizer.pad_token_id)
+    pa, pb = pair_logps(model, load_examples(rows, tokenizer, None, None), tokenizer)
     return pa.exp(), pb.exp()
 
 
@@ -324,7 +324,8 @@ def _run(out: Path, size: dict, quick: bool, seed: int) -> dict:
     random.Random(seed + 4).shuffle(pairs)
     seen = {r["prompt"] for r in warm} | {r["prompt"] for r in pairs}
     conflicts, benigns = heldout(size["eval_per_pair"], size["eval_benign"], seed + 2, seen)
-    pairs, conflicts, benigns = ([{**r, "prompt": fmt(r["prompt"])} for r in rows] for rows in (pairs, conflicts, benigns))
+    pairs, conflicts, benigns = ([{**r, "prompt": fmt(r["prompt"])} for r in rows]
+                                 for rows in (pairs, conflicts, benigns))
     results = {"quick": quick, "seed": seed, "sizes": {k: list(v) if isinstance(v, tuple) else v
                                                        for k, v in size.items()},
                "pairs": len(pairs), "models": {"warm-up": evaluate(model, tokenizer, conflicts, benigns)}, "runs": []}
@@ -355,7 +356,7 @@ def _run(out: Path, size: dict, quick: bool, seed: int) -> dict:
                  **evaluate(trained, tokenizer, conflicts, benigns)}
             if size.get("eval_every"):
                 at = [(step, evaluate(policy, tokenizer, conflicts, benigns))
-                      for step, policy in checkpoint.drain_policies(run_dir, model)] + [(steps, r)]
+                      for step, policy in drain_policies(run_dir, model)] + [(steps, r)]
                 r["curve"] = [{"step": step, **{k: m[k] for k in CURVE_KEYS}} for step, m in at]
             results["runs"].append(r)
             _say(t0, f"{method} (seed {run_seed}): adherence {r['adherence']:.1%}, "
@@ -367,12 +368,13 @@ def _run(out: Path, size: dict, quick: bool, seed: int) -> dict:
     results["load_avg"] = os.getloadavg()[0]
     changed = [k for k, v in size.items() if k != "prompt_format" and (QUICK if quick else FULL).get(k) != v]
     if changed:  # sizes the CLI cannot set: the rerun is a Python call
-        results["command"] = (f"hierarchy.run({str(out)!r}, quick={quick}, seed={seed}, prompt_format={prompt_format!r}, "
-                              + ", ".join(f"{k}={size[k]!r}" for k in changed) + ")")
+        call = [repr(str(out)), f"quick={quick}", f"seed={seed}", f"prompt_format={prompt_format!r}"]
+        results["command"] = f"hierarchy.run({', '.join(call + [f'{k}={size[k]!r}' for k in changed])})"
     else:
-        results["command"] = ("dpokit experiment hierarchy" + (" --quick" if quick else "") + f" --out {out} --seed {seed}"
+        results["command"] = ("dpokit experiment hierarchy" + (" --quick" if quick else "")
+                              + f" --out {out} --seed {seed}"
                               + (f" --prompt-format {prompt_format}" if prompt_format != "text" else ""))
-    (out / "hierarchy.json").write_text(json.dumps(results, indent=2))
+    write_text(out / "hierarchy.json", json.dumps(results, indent=2))
     print(format_table(results))
     return results
 

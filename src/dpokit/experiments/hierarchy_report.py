@@ -109,10 +109,11 @@ def curve_lines(results: dict) -> list[str]:
     shown = [k for k in steps if k % max(steps[-1] // 4, 1) == 0]
     lines = ["| model | " + " | ".join(f"{k} steps" for k in shown) + " |", "|---|" + "---:|" * len(shown)]
     for method, row in curves["by_step"].items():
-        lines.append(f"| {method} | " + " | ".join(" / ".join([f"{row[str(k)][0]:.1%}", f"{row[str(k)][1]:.2%}"]
-                                                            + [f"{x:.1%}" for x in row[str(k)][2:]]) for k in shown) + " |")
-    lines += ["", "| model | checkpoints | GW-DPO's matched or beaten by a plain-DPO one | plain DPO's matched or beaten "
-                  "by a GW-DPO one |", "|---|---:|---:|---:|"]
+        cells = (" / ".join([f"{row[str(k)][0]:.1%}", f"{row[str(k)][1]:.2%}"]
+                            + [f"{x:.1%}" for x in row[str(k)][2:]]) for k in shown)
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    lines += ["", "| model | checkpoints | GW-DPO's matched or beaten by a plain-DPO one "
+                  "| plain DPO's matched or beaten by a GW-DPO one |", "|---|---:|---:|---:|"]
     for method, m in curves["covered"].items():
         lines.append(f"| {method} | {m['checkpoints']} | {m['gw_covered_by_dpo']} | {m['dpo_covered_by_gw']} |")
     return lines
@@ -193,8 +194,8 @@ def markdown_section(results: dict) -> str:
         lines.append(f"| {method} | {r['adherence']:.1%}{span(r, 'adherence')} | "
                      + " | ".join(f"{r['adherence_by_gap'][g]:.1%}" for g in gaps)
                      + f" | {r['pairwise']:.1%} | {r['follows_lower']:.1%} | {r['refuses_conflict']:.1%} | "
-                       f"{r['over_refusal']:.2%}{span(r, 'over_refusal')} | {_data_alone(r)} | {r['greedy_adherence']:.1%} | "
-                       f"{r['greedy_over_refusal']:.1%} |")
+                       f"{r['over_refusal']:.2%}{span(r, 'over_refusal')} | {_data_alone(r)} | "
+                       f"{r['greedy_adherence']:.1%} | {r['greedy_over_refusal']:.1%} |")
     lines.append("")
     rng = lambda xs: f"{100 * min(xs):+.2f} to {100 * max(xs):+.2f}" if xs else "n/a"  # noqa: E731
     for method, g in results["summary"]["goal"].items():

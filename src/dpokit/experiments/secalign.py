@@ -49,8 +49,10 @@ from pathlib import Path
 import torch
 
 from ..config import TrainConfig
-from ..recipes.common import write_jsonl
 from ..demo import warm_up
+from ..families import get_family
+from ..io import write_text
+from ..recipes.common import write_jsonl
 from ..recipes.injection import ATTACKS, EVAL_INJECTION, TEXT_TEMPLATE, attack_success_rate, eval_items, inject, \
     injection_pairs
 from ..tiny import build_llama, build_tokenizer, single_thread
@@ -157,25 +159,11 @@ def corpus() -> list[str]:
     return texts
 
 
-@torch.no_grad()
 def greedy_replies(model, tokenizer, prompts: list[str], max_new_tokens: int = 8, batch_size: int = 256) -> list[str]:
     """The model's greedy reply to each text prompt (left-padded batches, stopped at EOS)."""
-    model.eval()
-    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
-    encoded = [tokenizer(p)["input_ids"] for p in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))  # similar lengths batch together
-    replies: dict[int, str] = {}
-    for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
-        width = max(len(encoded[i]) for i in chunk)
-        ids = torch.tensor([[pad] * (width - len(encoded[i])) + encoded[i] for i in chunk])
-        mask = (torch.arange(width)[None, :] >= torch.tensor([width - len(encoded[i]) for i in chunk])[:, None]).long()
-        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
-                             eos_token_id=eos, pad_token_id=pad)
-        for i, row in zip(chunk, out[:, width:].tolist()):
-            row = row[:row.index(eos)] if eos in row else row
-            replies[i] = tokenizer.decode(row, skip_special_tokens=True).strip()
-    return [replies[i] for i in range(len(prompts))]
+    replies = get_family("causal_lm").sample(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=0,
+                                             batch_size=batch_size)
+    return [c.text.strip() for c in replies]
 
 
 def evaluate(model, tokenizer, clean: list[dict], attack_items: list[dict]) -> dict:
@@ -223,8 +211,6 @@ def run(out_dir: str | Path = "runs/secalign", quick: bool = False, seed: int = 
 
 
 def _run(out: Path, size: dict, quick: bool, seed: int) -> dict:
-    from transformers import AutoModelForCausalLM
-
     t0 = time.time()
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
@@ -268,7 +254,7 @@ def _run(out: Path, size: dict, quick: bool, seed: int) -> dict:
             disable_tqdm=True, seed=seed, ref_cache_dir=str(out / "ref-cache"),
         )
         result = train(cfg)
-        after = evaluate(AutoModelForCausalLM.from_pretrained(result.output_dir).eval(), tokenizer, clean, items)
+        after = evaluate(get_family("causal_lm").load_trained(result.output_dir)[0], tokenizer, clean, items)
         after.update(name=name, learning_rate=lr, steps=steps, beta=beta, rpo_alpha=rpo_alpha, clean_share=clean_share,
                      pairs=n_pairs[clean_share],
                      accuracy_drop=before["accuracy"] - after["accuracy"],
@@ -286,7 +272,7 @@ def _run(out: Path, size: dict, quick: bool, seed: int) -> dict:
         "load_avg": os.getloadavg()[0],
         "command": "dpokit experiment secalign" + (" --quick" if quick else "") + f" --out {out} --seed {seed}",
     }
-    (out / "secalign.json").write_text(json.dumps(results, indent=2))
+    write_text(out / "secalign.json", json.dumps(results, indent=2))
     print(format_table(results))
     return results
 

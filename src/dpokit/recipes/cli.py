@@ -66,9 +66,9 @@ def _validate(args) -> None:
     tokenizer = None
     if args.model:
         from ..config import TrainConfig
-        from ..families.causal_lm import load_tokenizer
+        from ..families import get_family
 
-        tokenizer = load_tokenizer(args.model, TrainConfig())
+        tokenizer = get_family("causal_lm").load_processor(args.model, TrainConfig())
     report = validate(args.file, tokenizer, args.max_length, args.max_prompt_length)
     print(report.to_json() if args.json else format_report(report, args.max_length, args.max_prompt_length))
     if report.bad_rows:

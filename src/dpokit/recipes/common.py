@@ -1,11 +1,10 @@
-"""What every recipe shares: reading raw rows with file-and-row errors, checking their fields,
-and writing the pairs out as standard JSON Lines."""
+"""What every recipe shares: reading raw rows with file-and-row errors, checking their fields (text fields
+with the loader's own `data.formats.text_field`), and writing the pairs out as standard JSON Lines."""
 
 from __future__ import annotations
 
 import json
 import math
-import os
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -13,8 +12,11 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from ..data import RowProblem, read_rows
+from ..data.formats import text_field
 from ..data.readers import describe
 from ..errors import DataError, DpokitError
+from ..io import atomic_write
+
 
 
 @dataclass
@@ -44,21 +46,6 @@ def at_row(name: str, number: int):
         raise DataError(name, number, str(e)) from None
 
 
-def text(row: dict, key: str, where: str = "") -> str | list:
-    """A non-empty string (or message list) field."""
-    value = row.get(key)
-    label = f"{where}field {key!r}"
-    if value is None:
-        raise RowProblem(f"{where}missing field {key!r}")
-    if isinstance(value, str):
-        if not value.strip():
-            raise RowProblem(f"{label} is empty")
-        return value
-    if isinstance(value, list) and value and all(isinstance(m, dict) for m in value):
-        return value
-    raise RowProblem(f"{label} must be a string or a list of messages, got {type(value).__name__}")
-
-
 def number(row: dict, key: str, where: str = "", default: float | None = None) -> float:
     value = row.get(key, default)
     label = f"{where}field {key!r}"
@@ -85,19 +72,13 @@ def same_text(a: Any, b: Any) -> bool:
 
 
 def write_jsonl(rows: Iterable[dict], path: str | Path, source: Any = None) -> int:
-    """Write rows as JSON Lines, all or nothing (a temporary file renamed into place)."""
+    """Write rows as JSON Lines, all or nothing (`dpokit.io.atomic_write`); returns how many."""
     path = Path(path)
     if isinstance(source, (str, Path)) and Path(source).resolve() == path.resolve():
         raise DpokitError(f"{path}: the output would overwrite the input")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     n = 0
-    try:
-        with tmp.open("w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-                n += 1
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_write(path) as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            n += 1
     return n

@@ -36,7 +36,9 @@ from typing import Any, Callable, Iterable
 
 from ..data import RowProblem
 from ..errors import DpokitError
-from .common import Built, at_row, raw_rows, same_text, text
+from ..families import get_family
+from ..data.formats import text_field
+from .common import Built, at_row, raw_rows, same_text
 
 NAME = "injection"
 HELP = "(instruction, input, output) rows → SecAlign prompt-injection pairs, or held-out attack prompts (--eval)"
@@ -76,7 +78,8 @@ def _read(source: Any) -> list[dict]:
             data = row.get("input")
             if data is not None and not isinstance(data, str):
                 raise RowProblem(f"field 'input' must be a string, got {type(data).__name__}")
-            rows.append({"instruction": text(row, "instruction"), "input": data or "", "output": text(row, "output"),
+            rows.append({"instruction": text_field(row, "instruction"), "input": data or "",
+                         "output": text_field(row, "output"),
                          "row": n})
     if not rows:
         raise DpokitError(f"{source}: no rows")
@@ -180,32 +183,15 @@ def attack_success_rate(generate: Callable[[Any], str], items: Iterable[dict], m
 
 
 def hf_generator(model_path: str, max_new_tokens: int = 32) -> Callable[[Any], str]:
-    """Greedy replies from a Hugging Face causal LM; message-list prompts go through its chat template."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Greedy replies from a Hugging Face causal LM (a model folder, or a LoRA adapter folder on its base);
+    message-list prompts go through its chat template."""
+    from .judge import load_policy
 
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model_path)
-        model = AutoModelForCausalLM.from_pretrained(model_path).eval()
-    except (OSError, ValueError) as e:
-        raise DpokitError(f"cannot load model {model_path!r}: {str(e).splitlines()[0]}") from None
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model.to(device)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    family = get_family("causal_lm")
+    model, tokenizer = load_policy(model_path, family=family)
 
     def generate(prompt) -> str:
-        if isinstance(prompt, list):
-            if tokenizer.chat_template is None:
-                raise DpokitError(f"{model_path}: chat prompts need a tokenizer with a chat template")
-            ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, return_tensors="pt",
-                                                return_dict=True)["input_ids"]
-        else:
-            ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
-        ids = ids.to(device)
-        with torch.no_grad():
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                 do_sample=False, pad_token_id=pad)
-        return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        return family.sample(model, tokenizer, [prompt], max_new_tokens=max_new_tokens, temperature=0)[0].text
 
     return generate
 

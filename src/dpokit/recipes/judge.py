@@ -5,7 +5,7 @@ Input: one prompt per row, as `dpokit eval --prompts` reads them: rows with `pro
 or a message list), or preference rows whose prompt is implicit in `chosen`/`rejected`.
 
 For each prompt, `k` replies are sampled from the model (temperature and top-p as given,
-no top-k cut) with the generation code of sample-based evaluation, and the judge scores
+no top-k cut) by the family's sampler, the one sample-based evaluation uses, and the judge scores
 every reply: a Python function, a reward model, or an LLM judge told to judge by a
 constitution (`--judge`, a spec for `dpokit.judges.load_judge`, e.g.
 `'{type: llm, base_url: "http://127.0.0.1:8000/v1", model: judge, constitution: [...]}'`).
@@ -27,7 +27,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
+from ..config import TrainConfig
 from ..errors import DpokitError
+from ..families import Family, get_family
 from .common import Built, same_text
 
 NAME = "judge"
@@ -100,41 +102,32 @@ def pairs_from_scores(samples: Sequence[dict], min_gap: float = 0.0, missing_eos
 
 def sample_replies(model, tokenizer, prompts: Sequence, k: int, *, max_new_tokens: int = 64,
                    temperature: float = 0.9, top_p: float = 1.0, batch_size: int = 8, seed: int = 0,
-                   max_prompt_length: int | None = None, progress: bool = True) -> list[dict]:
+                   max_prompt_length: int | None = None, progress: bool = True,
+                   family: Family | None = None) -> list[dict]:
     """`k` sampled replies per prompt, in prompt order: dicts with `index` (of the prompt), `prompt`,
-    `response` (text, without the end token) and `ended` (False when cut off at `max_new_tokens`)."""
-    from ..sample_eval import _generate, _stop_ids, prompt_ids
-
+    `response` (text, without the end token) and `ended` (False when cut off at `max_new_tokens`).
+    `family` samples them (default: the causal LM)."""
+    family = family if family is not None else get_family("causal_lm")
+    family.require("sample", "the judge recipe")
     if temperature <= 0:
         raise DpokitError(f"temperature must be > 0: k greedy replies would all be the same, got {temperature}")
-    if not prompts:
-        raise DpokitError("no prompts to sample from")
-    stop = _stop_ids(model, tokenizer)
-    gen = {"max_new_tokens": max_new_tokens, "do_sample": True, "temperature": temperature, "top_p": top_p,
-           "top_k": 0}
-    pids = [ids for p in prompts for ids in [prompt_ids(tokenizer, p, max_prompt_length)] * k]
-    was_training = model.training
-    model.eval()
-    try:
-        replies = _generate(model, pids, tokenizer, stop, gen, batch_size, seed, "sample", progress)
-    finally:
-        model.train(was_training)
-    texts = tokenizer.batch_decode([[t for t in r if t not in stop] for r in replies], skip_special_tokens=True)
-    expanded = [(i, p) for i, p in enumerate(prompts) for _ in range(k)]
-    return [{"index": i, "prompt": p, "response": t, "ended": bool(r) and r[-1] in stop}
-            for (i, p), t, r in zip(expanded, texts, replies)]
+    replies = family.sample(model, tokenizer, prompts, num_generations=k, max_new_tokens=max_new_tokens,
+                            temperature=temperature, top_p=top_p, batch_size=batch_size, seed=seed,
+                            max_prompt_length=max_prompt_length, progress=progress)
+    return [{"index": n // k, "prompt": c.prompt, "response": c.text, "ended": c.ended} for n, c in enumerate(replies)]
 
 
 def judge_pairs(model, tokenizer, prompts: Sequence, judge, k: int = 4, min_gap: float = 0.0, *,
                 max_new_tokens: int = 64, temperature: float = 0.9, top_p: float = 1.0,
                 missing_eos_penalty: float | None = None, margin_scale: float | None = None, batch_size: int = 8,
-                seed: int = 0, max_prompt_length: int | None = None, progress: bool = True) -> Judged:
+                seed: int = 0, max_prompt_length: int | None = None, progress: bool = True,
+                family: Family | None = None) -> Judged:
     """Sample `k` replies per prompt from `model`, score them with `judge` (a `dpokit.judges.Judge`),
     and keep best vs worst where the gap is at least `min_gap` (see the module docstring)."""
     _check(k, min_gap)
     samples = sample_replies(model, tokenizer, prompts, k, max_new_tokens=max_new_tokens, temperature=temperature,
                              top_p=top_p, batch_size=batch_size, seed=seed, max_prompt_length=max_prompt_length,
-                             progress=progress)
+                             progress=progress, family=family)
     scores = judge.score([s["prompt"] for s in samples], [s["response"] for s in samples])
     if len(scores) != len(samples):
         raise DpokitError(f"the judge returned {len(scores)} scores for {len(samples)} replies")
@@ -143,17 +136,17 @@ def judge_pairs(model, tokenizer, prompts: Sequence, judge, k: int = 4, min_gap:
     return pairs_from_scores(samples, min_gap, missing_eos_penalty, margin_scale)
 
 
-def load_policy(path: str, dtype: str = "auto"):
-    """A causal LM and its tokenizer for sampling, on the GPU when there is one."""
+def load_policy(path: str, cfg: TrainConfig | None = None, family: Family | None = None):
+    """A trained policy (a model folder, or a LoRA adapter folder on its base) and its processor, for sampling,
+    on the GPU when there is one. `cfg` gives the loading settings (defaults when None); `family` loads it
+    (default: `cfg`'s family)."""
     import torch
 
-    from ..config import TrainConfig
-    from ..families.causal_lm import load_model, load_tokenizer
-
-    cfg = TrainConfig(dtype=dtype)
-    model = load_model(str(path), cfg)
-    tokenizer = load_tokenizer(str(path), cfg)
-    return model.to("cuda" if torch.cuda.is_available() else "cpu").eval(), tokenizer
+    cfg = cfg if cfg is not None else TrainConfig()
+    family = family if family is not None else get_family(cfg.family)
+    family.require("load_trained", "sampling from a saved model")
+    model, processor = family.load_trained(str(path), cfg)
+    return model.to("cuda" if torch.cuda.is_available() else "cpu"), processor
 
 
 def add_arguments(p) -> None:
@@ -183,7 +176,7 @@ def build(args) -> Built:
     _check(args.k, args.min_gap)
     judge = load_judge(args.judge)  # a bad spec fails before the model loads
     prompts = read_prompts(args.input, args.num_prompts)
-    model, tokenizer = load_policy(args.model, args.dtype)
+    model, tokenizer = load_policy(args.model, TrainConfig(dtype=args.dtype))
     return judge_pairs(model, tokenizer, prompts, judge, args.k, args.min_gap, max_new_tokens=args.max_new_tokens,
                        temperature=args.temperature, top_p=args.top_p, missing_eos_penalty=args.missing_eos_penalty,
                        margin_scale=args.margin_scale, batch_size=args.batch_size, seed=args.seed,

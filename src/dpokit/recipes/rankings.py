@@ -20,8 +20,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..data.formats import text_field
 from ..errors import DpokitError
-from .common import Built, at_row, items, raw_rows, same_text, text
+from .common import Built, at_row, items, raw_rows, same_text
 
 NAME = "rankings"
 HELP = "prompts with replies ranked best first → all pairs, adjacent pairs, or S-DPO groups"
@@ -35,8 +36,9 @@ def rankings_to_pairs(source: Any, pairs: str = "all", margin_scale: float | Non
     out = Built()
     for name, n, row in raw_rows(source):
         with at_row(name, n):
-            prompt = text(row, "prompt")
-            ranking = [text({"reply": r}, "reply", f"ranking[{k}]: ") for k, r in enumerate(items(row, "ranking"))]
+            prompt = text_field(row, "prompt")
+            ranking = [text_field({"reply": r}, "reply", where=f"ranking[{k}]: ")
+                       for k, r in enumerate(items(row, "ranking"))]
         out.counts["prompts"] += 1
         distinct = []
         for reply in ranking:

@@ -20,8 +20,9 @@ import random
 from typing import Any
 
 from ..data import RowProblem
+from ..data.formats import text_field
 from ..errors import DpokitError
-from .common import Built, at_row, items, number, raw_rows, same_text, text
+from .common import Built, at_row, items, number, raw_rows, same_text
 
 NAME = "ratings"
 HELP = "prompts with several rated replies (UltraFeedback-style) → best vs a lower-rated reply"
@@ -37,12 +38,12 @@ def ratings_to_pairs(source: Any, rejected: str = "random", min_gap: float = 1e-
     out = Built()
     for name, n, row in raw_rows(source):
         with at_row(name, n):
-            prompt = text(row, "prompt")
+            prompt = text_field(row, "prompt")
             rated = []
             for k, r in enumerate(items(row, "responses")):
                 if not isinstance(r, dict):
                     raise RowProblem(f"response {k}: expected an object, got {type(r).__name__}")
-                rated.append((text(r, "text", f"response {k}: "), number(r, "rating", f"response {k}: ")))
+                rated.append((text_field(r, "text", where=f"response {k}: "), number(r, "rating", f"response {k}: ")))
         out.counts["prompts"] += 1
         rng = random.Random(f"{seed}:{json.dumps(prompt, sort_keys=True)}")
         top = max(score for _, score in rated) if rated else None

@@ -29,8 +29,9 @@ import math
 from typing import Any
 
 from ..data import RowProblem
+from ..data.formats import text_field
 from ..errors import DpokitError
-from .common import Built, at_row, items, number, raw_rows, same_text, text
+from .common import Built, at_row, items, number, raw_rows, same_text
 
 NAME = "votes"
 HELP = "threads with scored replies (Reddit-style votes, as in SHP) → pairs"
@@ -45,14 +46,14 @@ def votes_to_pairs(source: Any, min_ratio: float = 2.0, min_score: float = 1.0, 
     out = Built()
     for name, n, row in raw_rows(source):
         with at_row(name, n):
-            prompt = text(row, "prompt")
+            prompt = text_field(row, "prompt")
             replies = []
             for k, reply in enumerate(items(row, "replies")):
                 where = f"reply {k}: "
                 if not isinstance(reply, dict):
                     raise RowProblem(f"{where}expected an object, got {type(reply).__name__}")
                 created = None if ignore_time else number(reply, "created_utc", where)
-                replies.append((text(reply, "text", where), number(reply, "score", where), created))
+                replies.append((text_field(reply, "text", where=where), number(reply, "score", where), created))
         out.counts["threads"] += 1
         out.counts["replies"] += len(replies)
         kept = []

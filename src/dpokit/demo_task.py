@@ -25,7 +25,7 @@ import random
 import re
 from dataclasses import dataclass
 
-import torch
+from .families import get_family
 
 POSITIVE = ("bright", "calm", "kind", "lovely", "warm", "gentle", "cheerful", "graceful", "splendid", "pleasant",
             "joyful", "charming")
@@ -120,35 +120,16 @@ class Sample:
     reward: float
 
 
-@torch.no_grad()
 def sample(model, tokenizer, prompt_list: list[str], n: int, max_new_tokens: int = 16, temperature: float = 1.0,
            batch_size: int = 512, reward_fn=reward) -> list[Sample]:
     """`n` responses per prompt from the full distribution (no top-k or top-p), scored with `reward_fn`.
 
     Prompts are generated in groups of equal token length, so no padding enters a prompt. Seed torch
     before calling for reproducible draws."""
-    was_training = model.training
-    model.eval()
-    eos = tokenizer.eos_token_id
-    encoded = [tokenizer(p)["input_ids"] for p in prompt_list]
-    by_length: dict[int, list[int]] = {}
-    for i, ids in enumerate(encoded):
-        by_length.setdefault(len(ids), []).extend([i] * n)
-    drawn: dict[int, list[Sample]] = {}
-    for length, jobs in sorted(by_length.items()):
-        for start in range(0, len(jobs), batch_size):
-            chunk = jobs[start:start + batch_size]
-            input_ids = torch.tensor([encoded[i] for i in chunk], device=model.device)
-            out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), do_sample=True,
-                                 temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
-                                 eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
-            for i, row in zip(chunk, out[:, length:].tolist()):
-                response_ids = row[:row.index(eos) + 1] if eos in row else row
-                text = tokenizer.decode(response_ids, skip_special_tokens=True)
-                p = prompt_list[i]
-                drawn.setdefault(i, []).append(Sample(p, text, encoded[i], response_ids, reward_fn(p, text)))
-    model.train(was_training)
-    return [s for i in range(len(prompt_list)) for s in drawn.get(i, [])]
+    drawn = get_family("causal_lm").sample(model, tokenizer, prompt_list, num_generations=n,
+                                           max_new_tokens=max_new_tokens, temperature=temperature,
+                                           batch_size=batch_size, group_by_length=True)
+    return [Sample(c.prompt, c.text, c.prompt_ids, c.completion_ids, reward_fn(c.prompt, c.text)) for c in drawn]
 
 
 def make_pairs(samples: list[Sample], min_gap: float = 1e-6) -> list[dict]:

@@ -10,9 +10,12 @@ reply's segment, because generation with a KV cache feeds each new token alone. 
 as every packed sequence starts with a delimiter (its first source header).
 
 `with_segment_embeddings` turns a `LlamaForCausalLM` into a `SegmentLlamaForCausalLM` with the same
-weights and a zero segment table, so it starts as exactly the model it was. The class is registered with
-transformers' Auto classes when this module is imported (dpokit's model loader does that), so a saved model
-loads back with `AutoModelForCausalLM.from_pretrained` and no remote code.
+weights and a zero segment table, so it starts as exactly the model it was.
+
+This is experiment code (the GW-DPO hierarchy experiment trains with it), so the core does not import it:
+importing this module (or `dpokit.experiments.hierarchy`) registers the class with transformers' Auto
+classes, and from then on a saved model loads back through dpokit's loader, or
+`AutoModelForCausalLM.from_pretrained`, with no remote code.
 """
 
 from __future__ import annotations

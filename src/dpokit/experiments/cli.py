@@ -1,0 +1,112 @@
+"""`dpokit experiment NAME`: one subcommand per experiment, each with only its own flags.
+
+    dpokit experiment frontier [--task line|vader] [--data FILE] [--out DIR] [--docs DIR] [--seed N] [--quick]
+    dpokit experiment secalign [--out DIR] [--docs DIR] [--seed N] [--quick]
+    dpokit experiment hierarchy [--prompt-format text|delimiters|ise] [--out DIR] [--docs DIR] [--seed N] [--quick]
+
+Another experiment's flag is refused while the command line is parsed, before anything runs, in one line that
+names the experiment it belongs to. An experiment's module is imported only when it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from ..errors import DpokitError
+
+
+def add_experiment_commands(subparsers) -> None:
+    """Add `experiment` and one subcommand per experiment to the dpokit parser; the chosen experiment's runner
+    lands in `args.experiment_run`."""
+    p = subparsers.add_parser("experiment", help="rerun a paper's experiment on the controlled task (no downloads)")
+    experiments = p.add_subparsers(dest="experiment", required=True, metavar="NAME")
+    parsers = {name: add(experiments) for name, add in EXPERIMENTS.items()}
+    _refuse_each_others_flags(parsers)
+
+
+def _experiment_parser(experiments, name: str, help: str, out: str, docs: str) -> argparse.ArgumentParser:
+    """An experiment's subcommand with the flags every experiment has."""
+    p = experiments.add_parser(name, help=help, description=help)
+    p.add_argument("--quick", action="store_true", help="a small run, for smoke tests")
+    p.add_argument("--out", default=f"runs/{name}", help=f"output dir: {out}")
+    p.add_argument("--docs", help=f"also write {docs} of DOCS/experiments.md")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def add_frontier(experiments) -> tuple[argparse.ArgumentParser, list[argparse.Action]]:
+    p = _experiment_parser(experiments, "frontier", "reward vs KL for DPO, IPO, cDPO, robust DPO and preferred-FT, "
+                           "clean and with a fifth of the labels flipped (DPO paper, Fig. 2)",
+                           out="the runs, frontier.json/.svg/.md",
+                           docs="the plot and the 'Reward vs KL frontier' section (--task vader: its own)")
+    own = [p.add_argument("--task", choices=["line", "vader"], default="line",
+                          help="line: the demo's controlled task (default); vader: the prompts of an HH-style "
+                               "preference file (--data), VADER sentiment as the reward"),
+           p.add_argument("--data", help="the preference file whose dialogues give --task vader its prompts")]
+    p.set_defaults(experiment_run=_run_frontier)
+    return p, own
+
+
+def _run_frontier(args) -> None:
+    if args.data and args.task != "vader":
+        raise DpokitError("--data is read by `experiment frontier --task vader` only")
+    from .frontier import run_frontier
+
+    run_frontier(out=args.out, quick=args.quick, seed=args.seed, docs_dir=args.docs, task=args.task, data=args.data)
+
+
+def add_secalign(experiments) -> tuple[argparse.ArgumentParser, list[argparse.Action]]:
+    p = _experiment_parser(experiments, "secalign", "prompt-injection defence by DPO (SecAlign)",
+                           out="the runs and secalign.json", docs="its section")
+    p.set_defaults(experiment_run=_run_secalign)
+    return p, []
+
+
+def _run_secalign(args) -> None:
+    from .secalign import run
+
+    run(args.out, quick=args.quick, seed=args.seed, docs_dir=args.docs)
+
+
+def add_hierarchy(experiments) -> tuple[argparse.ArgumentParser, list[argparse.Action]]:
+    p = _experiment_parser(experiments, "hierarchy", "GW-DPO vs DPO on a five-level instruction hierarchy",
+                           out="the runs and hierarchy.json", docs="its section")
+    own = [p.add_argument("--prompt-format", choices=["text", "delimiters", "ise"], default="text",
+                          help="source headers as text (default), as special tokens (delimiters), or as special "
+                               "tokens plus segment embeddings (ise, the GW-DPO paper's setup)")]
+    p.set_defaults(experiment_run=_run_hierarchy)
+    return p, own
+
+
+def _run_hierarchy(args) -> None:
+    from .hierarchy import run
+
+    run(args.out, quick=args.quick, seed=args.seed, docs_dir=args.docs, prompt_format=args.prompt_format)
+
+
+EXPERIMENTS = {"frontier": add_frontier, "secalign": add_secalign, "hierarchy": add_hierarchy}
+
+
+class _BelongsElsewhere(argparse.Action):
+    """Another experiment's flag, hidden from help: given, it stops the parse with a DpokitError (one line, exit
+    2) that says whose flag it is, rather than argparse's usage block and a bare 'unrecognized arguments'."""
+
+    def __init__(self, option_strings, dest, owner: str, here: str, about: str | None, **kwargs):
+        super().__init__(option_strings, argparse.SUPPRESS, default=argparse.SUPPRESS, help=argparse.SUPPRESS,
+                         **kwargs)
+        self.owner, self.here, self.about = owner, here, about
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        given = " ".join([option_string, *([values] if isinstance(values, str) else values or [])])
+        about = f" ({self.about})" if self.about else ""
+        raise DpokitError(f"`experiment {self.here}` does not take {given}; "
+                          f"{option_string} belongs to `experiment {self.owner}`{about}")
+
+
+def _refuse_each_others_flags(parsers: dict[str, tuple[argparse.ArgumentParser, list[argparse.Action]]]) -> None:
+    """Give every experiment's subcommand the other experiments' own flags as `_BelongsElsewhere`."""
+    for here, (parser, _) in parsers.items():
+        for owner, (_, own) in parsers.items():
+            for action in own if owner != here else ():
+                parser.add_argument(*action.option_strings, action=_BelongsElsewhere, nargs=action.nargs,
+                                    owner=owner, here=here, about=action.help)
