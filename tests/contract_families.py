@@ -52,7 +52,10 @@ def _vector(row: dict, key: str, n: int, source: str, number: int) -> torch.Tens
 
 
 class _Saved(Family):
-    """Loading and saving a model as one safetensors file plus its sizes, shared by both test families."""
+    """Loading and saving a model as one safetensors file, shared by both test families; a trained one loads back
+    (for `dpokit eval`), but neither can sample."""
+
+    capabilities = frozenset({"load_trained"})
 
     def build(self, cfg) -> nn.Module:
         raise NotImplementedError
@@ -67,6 +70,9 @@ class _Saved(Family):
         model = self.build(cfg)
         model.load_state_dict(load_file(str(Path(path) / "model.safetensors")))
         return model.requires_grad_(False).eval()
+
+    def load_trained(self, path, cfg=None):
+        return self.load_model(path, cfg), None
 
     def save(self, model, processor, path, merge_lora=False):
         Path(path).mkdir(parents=True, exist_ok=True)

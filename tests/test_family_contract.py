@@ -20,9 +20,11 @@ import torch
 from safetensors.torch import load_file
 
 import contract_families as cf
+from dpokit.cli import main
 from dpokit.config import load_config
 from dpokit.errors import DpokitError
 from dpokit.families import get_family
+from dpokit.families.base import draw_seeds
 from dpokit.train import Loop, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,6 +72,27 @@ def test_trains_evaluates_and_saves(tmp_path, family):
     assert any(not torch.equal(start[k], saved[k]) for k in saved)  # the trained weights, not the starting ones
 
 
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_eval_goes_through_the_family(tmp_path, family, capsys):
+    """`dpokit eval RUN --data FILE` scores a trained run of any family and reproduces the loop's own final
+    evaluation (the stochastic one on the same draws); sampling prompts from a family that cannot sample is one
+    line, exit 2."""
+    fam = get_family(family)
+    start = tmp_path / "start"  # a saved starting policy: the run's reference, as eval reloads it
+    fam.save(fam.load_policy(_cfg(tmp_path, family))[0], None, str(start))
+    cfg = _cfg(tmp_path, family, max_steps=10, model=str(start))
+    last = [r for r in train(cfg).history if "eval_loss" in r][-1]
+    code = main(["eval", str(tmp_path / "run"), "--data", cfg.eval_data, "--json"])
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)["preference"]
+    for key in ("loss", "rewards/accuracies", "rewards/margins", "logps/chosen"):
+        assert result[key] == pytest.approx(last[f"eval_{key}"], rel=1e-5, abs=1e-6), key
+    prompts = cf.write_rows([{"prompt": "x"}], tmp_path / "prompts.jsonl")
+    assert main(["eval", str(tmp_path / "run"), "--prompts", str(prompts)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"family {family!r} cannot" in err[0] and "sample" in err[0]
+
+
 def test_deterministic_family_uses_the_reference_cache(tmp_path):
     """The bandit's reference scores are computed once and cached; a second run hits the cache and logs the same
     numbers; a change to one action (not a token id in sight) is another cache entry."""
@@ -106,8 +129,8 @@ def test_the_draw_is_fresh_each_epoch_and_replayed_on_resume(tmp_path):
     cfg = _cfg(tmp_path, "test_denoiser")
     loop = Loop(cfg)
     one = loop.train_examples[:2]
-    a = fam.collate(one, cfg, None, draws=loop._draws([0, 1], 1))
-    b = fam.collate(one, cfg, None, draws=loop._draws([0, 1], 2))
+    a = fam.collate(one, cfg, None, draws=draw_seeds(cfg.seed, 1, [0, 1]))
+    b = fam.collate(one, cfg, None, draws=draw_seeds(cfg.seed, 2, [0, 1]))
     assert not torch.equal(a["noise"], b["noise"])
     whole = _rows(train(_cfg(tmp_path, "test_denoiser", output_dir=str(tmp_path / "whole"), max_steps=12)).output_dir)
     cut = tmp_path / "cut"

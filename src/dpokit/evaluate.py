@@ -47,8 +47,8 @@ class Models:
     family: Family
     tokenizer: Any
     policy: nn.Module
-    reference: nn.Module | None  # a separate model; None: adapters off (adapter_off) or reference-free
-    adapter_off: bool
+    reference: nn.Module | None  # a separate model; None: adapters off (adapters_off) or reference-free
+    adapters_off: bool
     device: torch.device
     reference_name: str
 
@@ -57,7 +57,7 @@ class Models:
         return self.family.scorer(model, self.cfg).eval()
 
     def reference_scorer(self) -> Reference:
-        if self.adapter_off:
+        if self.adapters_off:
             return Reference(self.scorer(self.policy), adapters_off=lambda: self.family.adapters_off(self.policy))
         return Reference(None if self.reference is None else self.scorer(self.reference))
 
@@ -92,12 +92,12 @@ def load_models(model: str | Path, ref_model: str | None = None, beta: float | N
     family.require("load_trained", "evaluating a trained model")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     policy, tokenizer = family.load_trained(str(path), cfg)
-    reference, adapter_off = None, False
+    reference, adapters_off = None, False
     ref_path = ref_model or cfg.ref_model
     if ref_path:
         reference, name = family.load_model(str(ref_path), cfg), str(ref_path)
     elif (path / "adapter_config.json").is_file():
-        adapter_off, name = True, "the base model with adapters off"
+        adapters_off, name = True, "the base model with adapters off"
     elif cfg.reference_free:
         name = "none (reference-free)"
     elif from_run:
@@ -106,7 +106,7 @@ def load_models(model: str | Path, ref_model: str | None = None, beta: float | N
         raise DpokitError(f"{path}: no reference model; pass --ref-model, or point at a dpokit run directory "
                           f"(its config.yaml names the starting model)")
     return Models(cfg, family, tokenizer, policy.to(dev), None if reference is None else reference.to(dev),
-                  adapter_off, dev, name)
+                  adapters_off, dev, name)
 
 
 @torch.no_grad()
@@ -221,7 +221,7 @@ def run_eval(model: str | Path, data: Any = None, prompts: Any = None, *, ref_mo
         result["preference_source"] = str(data)
         result["preference"] = preference_eval(models, data, batch_size, progress)
     if prompts:
-        if models.reference is None and not models.adapter_off:
+        if models.reference is None and not models.adapters_off:
             raise DpokitError("sample-based eval needs a reference model to compare with; pass --ref-model")
         chosen = read_prompts(prompts, num_prompts)
         out = sample_eval(models.policy, models.reference, models.tokenizer, chosen, judge,

@@ -11,6 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .families import Family, Scorer, Scores
+from .families.base import draw_seeds
 from .reference import Reference
 
 
@@ -32,7 +33,9 @@ def score_examples(family: Family, scorer: Scorer, examples: Sequence, cfg, proc
     device = device if device is not None else next(scorer.parameters()).device
     for start in tqdm(range(0, len(examples), batch_size), desc=desc, disable=not progress):
         chunk = examples[start:start + batch_size]
-        batch = {k: v.to(device) for k, v in family.collate(chunk, cfg, processor).items()}
+        # a stochastic family draws its noise from seeds that follow the example, as in training's evaluation
+        draws = {"draws": draw_seeds(cfg.seed, 0, range(start, start + len(chunk)))} if family.stochastic else {}
+        batch = {k: v.to(device) for k, v in family.collate(chunk, cfg, processor, **draws).items()}
         scores = scorer(batch)
         ref = None if reference is None or reference.reference_free else reference.scores(batch)
         yield ScoredBatch(chunk, batch, scores, ref)

@@ -26,7 +26,7 @@ from . import checkpoint
 from .config import TrainConfig
 from .errors import DpokitError
 from .families import get_family
-from .families.base import data_kind
+from .families.base import data_kind, draw_seeds
 from .io import save_tensors
 from .objectives import ObjectiveConfig, check_data, check_likelihood, check_losses, logit_metrics, objective
 from .reference import build_reference, cache_path, check_sync, loss_inputs, sync_reference
@@ -258,12 +258,6 @@ class Loop:
             return self.family.collate(examples, self.cfg, self.processor)
         return self.family.collate(examples, self.cfg, self.processor, draws=draws)
 
-    def _draws(self, indices: list[int], stream: int) -> list[int]:
-        """A stochastic family's per-example seeds: a function of (seed, stream, example), so a pair draws the
-        same noise however the batch is split over ranks, and a resumed run draws what the first run would.
-        Training uses stream = epoch + 1 (fresh noise each epoch); evaluation and the reference pass stream 0."""
-        return [(self.cfg.seed * 1_000_003 + stream) * 10_000_019 + i for i in indices]
-
     def _rank_slices(self, n: int, bs: int, order: list[int] | None = None):
         """Per round: this rank's indices and whether they count. Every rank runs the same number of
         rounds (FSDP forwards are collective); a rank left without pairs scores one and discards it."""
@@ -312,7 +306,7 @@ class Loop:
     # ------------------------------------------------------------ one batch
 
     def _batch(self, examples, indices, ref, stream: int = 0):
-        batch = self._collate([examples[i] for i in indices], self._draws(indices, stream))
+        batch = self._collate([examples[i] for i in indices], draw_seeds(self.cfg.seed, stream, indices))
         batch = {k: v.to(self.acc.device) for k, v in batch.items()}
         if ref is not None:
             idx = torch.tensor(indices)

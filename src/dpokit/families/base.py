@@ -184,6 +184,14 @@ class Family:
         self.require("load_trained", "loading a trained model")
 
 
+def draw_seeds(seed: int, stream: int, indices) -> list[int]:
+    """A stochastic family's per-example seeds (`collate(..., draws=...)`): a function of the run's seed, a
+    stream and the example's index only, so a pair draws the same noise however a batch is split over
+    processes, and a resumed run draws what the first run drew. The loop trains on stream epoch + 1 (fresh
+    noise each epoch) and evaluates on stream 0 (the same draws at every evaluation)."""
+    return [(seed * 1_000_003 + stream) * 10_000_019 + i for i in indices]
+
+
 def digest(*parts: bytes) -> str:
     """A short hex digest of byte strings, for fingerprints."""
     h = hashlib.blake2b(digest_size=16)
