@@ -121,6 +121,7 @@ def preference_eval(models: Models, data: Any, batch_size: int | None = None, pr
     for s in models.scored(examples, batch_size, "eval", progress):
         inputs = loss_inputs(s.scores, s.reference, s.batch)
         _, metrics = objective(inputs, s.batch["weight"], cfg.loss_types, cfg.loss_weights, obj_cfg)
+        metrics.update(models.family.metrics(inputs))
         for k, v in metrics.items():
             sums[k] = sums.get(k, 0.0) + v.float().sum().item()
             counts[k] = counts.get(k, 0) + v.numel()

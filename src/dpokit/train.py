@@ -325,6 +325,8 @@ class Loop:
         t = loss_inputs(scores, ref, batch)
         loss, metrics = objective(t, batch["weight"], self.cfg.loss_types, self.cfg.loss_weights, self.obj_cfg)
         metrics.update(logit_metrics(t, scores.chosen_logits, scores.rejected_logits))
+        with torch.no_grad():
+            metrics.update(self.family.metrics(t))
         return loss, metrics
 
     # ------------------------------------------------------------ the loop

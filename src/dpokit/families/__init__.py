@@ -4,8 +4,9 @@ top level (`get_family`) and `families.base` (the contract), never a family's ow
 from ..errors import DpokitError
 from .base import Example, Family, Scorer, Scores, data_kind
 from .causal_lm import CausalLMFamily
+from .diffusion import DiffusionFamily
 
-FAMILIES = {"causal_lm": CausalLMFamily}
+FAMILIES = {"causal_lm": CausalLMFamily, "diffusion": DiffusionFamily}
 
 
 def register_family(family: type[Family]) -> type[Family]:

@@ -159,6 +159,11 @@ class Family:
             raise DpokitError(f"family {self.name!r}: the model has no adapters to switch off (lora is not set)")
         return off()
 
+    def metrics(self, inputs) -> dict[str, torch.Tensor]:
+        """Per-example metrics of the family's own (each [B], detached), logged beside TRL's names under the names
+        its field's tools use; `inputs` is the batch's `LossInputs`. Default: none."""
+        return {}
+
     def settings(self, cfg) -> Any:
         """The family's own config keys as its `config_class` instance (None when it has none)."""
         if self.config_class is None:
