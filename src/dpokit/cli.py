@@ -82,6 +82,55 @@ def _score(args) -> None:
           f"(beta={models.cfg.beta}, reference: {models.reference_name})")
 
 
+def _sample_prompts(values: list[str] | None) -> list:
+    """`--prompts` values: a file (JSON Lines, CSV, ...) gives its rows' `prompt`; anything else is a prompt itself.
+    None (no --prompts): one unconditional prompt."""
+    from pathlib import Path
+
+    from .data import read_rows
+    from .errors import DataError
+
+    if not values:
+        return [None]
+    prompts = []
+    for value in values:
+        if not Path(value).is_file():
+            prompts.append(value)
+            continue
+        for number, row in read_rows(value):
+            if "prompt" not in row:
+                raise DataError(value, number, "no 'prompt' field")
+            prompts.append(row["prompt"])
+    return prompts
+
+
+def _sample(args) -> None:
+    from pathlib import Path
+
+    import torch
+
+    from .config import load_config
+    from .families import get_family
+    from .images import write_images
+
+    run = Path(args.run)
+    if not (run / "config.yaml").is_file():
+        raise DpokitError(f"{run}: not a dpokit run directory (no config.yaml)")
+    cfg = load_config(run / "config.yaml")
+    family = get_family(cfg.family)
+    family.require("sample", "dpokit sample")
+    family.require("load_trained", "dpokit sample")
+    if args.base and not cfg.model:
+        raise DpokitError(f"{run}/config.yaml names no starting model ('model') for --base")
+    model, processor = family.load_trained(cfg.model if args.base else str(run), cfg)
+    model.to("cuda" if torch.cuda.is_available() else "cpu")
+    settings = {"num_inference_steps": args.steps, "guidance_scale": args.guidance}
+    images = family.sample(model, processor, _sample_prompts(args.prompts), num_generations=args.num, seed=args.seed,
+                           **{k: v for k, v in settings.items() if v is not None})
+    paths = write_images(images, args.out)
+    print(f"wrote {len(paths) - 1} images of {'the base model' if args.base else run} and {paths[-1]}")
+
+
 def _report(args) -> None:
     from .report import write_report
 
@@ -105,7 +154,7 @@ def _experiment(args) -> None:
 
 
 COMMANDS = {"train": _train, "demo": _demo, "tiny-model": _tiny_model, "eval": _eval, "score": _score,
-            "report": _report, "data": _data, "bench": _bench, "experiment": _experiment}
+            "sample": _sample, "report": _report, "data": _data, "bench": _bench, "experiment": _experiment}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -152,6 +201,19 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--batch-size", type=int)
         p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. max_length=512")
         p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p = sub.add_parser("sample", help="sample images of prompts from a trained run (or its base model, --base): "
+                                      "one PNG per sample and grid.png (rows = prompts, columns = samples)")
+    p.add_argument("run", help="a dpokit run dir")
+    p.add_argument("--prompts", nargs="+", metavar="FILE_OR_TEXT",
+                   help="files of rows with 'prompt' (JSON Lines, CSV, ...) or the prompts themselves: captions, or "
+                        "class ids for a class-conditional model; none for an unconditional model")
+    p.add_argument("--out", required=True, help="folder for <prompt>-<sample>.png and grid.png")
+    p.add_argument("--num", type=int, default=4, help="samples per prompt (default 4)")
+    p.add_argument("--steps", type=int, help="denoising steps (default: the family's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the family's)")
+    p.add_argument("--base", action="store_true", help="sample the run's starting model (its config's 'model'), "
+                                                       "for before/after")
     p = sub.add_parser("report", help="(re)write report.html in a run's output dir from its metrics.jsonl")
     p.add_argument("output_dir")
     p = sub.add_parser("bench", help="dpokit and TRL's DPOTrainer side by side on the same model and data (CPU fp32 "

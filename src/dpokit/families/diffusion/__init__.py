@@ -5,7 +5,8 @@
 - images.py: images from paths, bytes or `datasets` values, checked and resized;
 - data.py: rows (prompt/chosen/rejected, or Pick-a-Pic's caption/jpg_0/jpg_1/label_0) → raw pairs;
 - encode.py: latents and text embeddings, computed once and cached on disk;
-- scorer.py: the per-pair (t, ε) draw and the score −½·mse.
+- scorer.py: the per-pair (t, ε) draw and the score −½·mse;
+- sampling.py: a trained run loaded back (`load_trained`) and images sampled from it (`sample`).
 
 diffusers is an optional dependency (`pip install dpokit[diffusion]`): the modules that need it import it inside
 their functions, so `dpokit.families` imports without it.
@@ -34,6 +35,7 @@ class DiffusionFamily(Family):
     likelihood = "surrogate"  # −½·mse at one (t, ε): a term of the ELBO, not a log-likelihood
     stochastic = True
     config_class = DiffusionConfig
+    capabilities = frozenset({"sample", "load_trained"})
 
     def load_policy(self, cfg):
         from .models import apply_lora, load_frozen, load_unet
@@ -116,6 +118,22 @@ class DiffusionFamily(Family):
         from .models import save
 
         save(model, frozen, path, merge_lora)
+
+    def load_trained(self, path, cfg=None):
+        """The trained UNet at `path` (a pipeline folder, Stable Diffusion LoRA weights or a peft adapter folder on
+        the run's starting model), frozen, and the frozen parts; `cfg` defaults to the run's config.yaml."""
+        from .sampling import load_trained
+
+        _require_diffusers()
+        return load_trained(path, cfg)
+
+    def sample(self, model, frozen, prompts, **settings):
+        """PIL images, one list per prompt (a caption, a class id, or None for an unconditional model); see
+        sampling.sample for the settings."""
+        from .sampling import sample
+
+        _require_diffusers()
+        return sample(model, frozen, prompts, **settings)
 
 
 __all__ = ["DiffusionConfig", "DiffusionExample", "DiffusionFamily", "DiffusionScorer"]
