@@ -44,6 +44,16 @@ def pixel_pipeline(path: Path, seed: int = 0, prediction_type: str = "epsilon") 
     return path
 
 
+def gray_pipeline(path: Path) -> Path:
+    """A tiny unconditional 1-channel pixel UNet pipeline."""
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+                       norm_num_groups=8, down_block_types=("DownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "UpBlock2D"))
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=100)).save_pretrained(path)
+    return path
+
+
 def clip_tokenizer(folder: Path) -> CLIPTokenizer:
     """A character-level CLIP BPE tokenizer: a vocabulary of letters and no merges."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -389,11 +399,7 @@ def test_bad_input_is_one_line_naming_file_and_row(tmp_path, case, problem):
 
 
 def test_grayscale_converted_for_one_channel_model(tmp_path):
-    torch.manual_seed(0)
-    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
-                       norm_num_groups=8, down_block_types=("DownBlock2D", "DownBlock2D"),
-                       up_block_types=("UpBlock2D", "UpBlock2D"))
-    DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=100)).save_pretrained(tmp_path / "gray")
+    gray_pipeline(tmp_path / "gray")
     family = get_family("diffusion")
     cfg = config(tmp_path, tmp_path / "gray", tmp_path / "unused.jsonl")
     frozen = family.load_processor(str(tmp_path / "gray"), cfg)

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 pytest.importorskip("diffusers")
-from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel  # noqa: E402
+from diffusers import UNet2DModel  # noqa: E402
 from PIL import Image  # noqa: E402
-from test_diffusion_family import config, pixel_pipeline, sd_pipeline, write_data  # noqa: E402
+from test_diffusion_family import config, gray_pipeline, pixel_pipeline, sd_pipeline, write_data  # noqa: E402
 
 from dpokit.cli import main  # noqa: E402
 from dpokit.errors import DpokitError  # noqa: E402
@@ -139,11 +139,7 @@ def test_pixel_lora_run_loads_back_for_sampling_and_eval(tmp_path, capsys):
 
 
 def test_unconditional_model_samples_without_prompts(tmp_path):
-    torch.manual_seed(0)
-    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
-                       norm_num_groups=8, down_block_types=("DownBlock2D", "DownBlock2D"),
-                       up_block_types=("UpBlock2D", "UpBlock2D"))
-    DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=100)).save_pretrained(tmp_path / "gray")
+    gray_pipeline(tmp_path / "gray")
     family = get_family("diffusion")
     unet, frozen = family.load_trained(str(tmp_path / "gray"))  # a pipeline folder: no run config needed
     (row,) = family.sample(unet, frozen, [None], num_generations=2, num_inference_steps=STEPS)
