@@ -407,3 +407,111 @@ def test_grayscale_converted_for_one_channel_model(tmp_path):
     (ex,) = family.examples(rows, frozen, cfg)
     assert ex.chosen.shape == (1, 8, 8) and ex.chosen.min() >= -1 and ex.chosen.max() <= 1
     assert ex.chosen.mean() > ex.rejected.mean()  # bright chosen stays brighter after conversion and resizing
+
+
+# ---------------------------------------------------------------- unpaired rows (KTO)
+
+
+def write_unpaired(folder: Path, n: int, image_key: str = "image") -> Path:
+    """JSON Lines of labelled images: even rows bright and liked, odd rows dark and disliked."""
+    (folder / "img").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        liked = i % 2 == 0
+        image(i, liked).save(folder / "img" / f"{i}.png")
+        rows.append({"class": i % N_CLASSES, image_key: f"img/{i}.png", "label": liked})
+    path = folder / "unpaired.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_kto_on_unpaired_images_lowers_liked_error_and_raises_disliked(tmp_path):
+    """`loss_type: kto` on {class, image, label} rows: step 1 (policy = reference) costs ½ per row; after training
+    the policy denoises liked images better than the reference does and disliked ones worse, over fresh draws."""
+    model = pixel_pipeline(tmp_path / "pixel")
+    cfg = config(tmp_path, model, write_unpaired(tmp_path / "data", 8), loss_type="kto", max_steps=25,
+                 learning_rate=2e-3, beta=200.0)
+    loop = Loop(cfg)
+    result = loop.run()
+    first = result.history[0]
+    assert first["loss"] == pytest.approx(0.5, abs=1e-6) and first["rewards/chosen"] == 0.0 and first["kl"] == 0.0
+    assert "rewards/accuracies" not in first and "implicit_acc" not in first  # nothing is paired
+
+    family, examples = get_family("diffusion"), loop.train_examples
+    start = UNet2DModel.from_pretrained(model, subfolder="unet")
+    ref, _ = pair_scores(family, start, examples, loop.processor, cfg)
+    policy, _ = pair_scores(family, loop.model, examples, loop.processor, cfg)
+    liked = torch.tensor([ex.label for ex in examples]).repeat(len(policy) // len(examples))
+    gain = policy - ref  # −½·(mse_policy − mse_ref): > 0 where the policy denoises better than the reference
+    assert gain[liked].mean() > 0 > gain[~liked].mean()
+
+
+def test_unpaired_rows_take_a_mismatched_image_under_their_own_condition(tmp_path):
+    """'completion' (TRL's name) reads as 'image' does; labels as true/false or 1/0 (CSV text too); each row's
+    rejected image is the previous row's with another condition, shared, not encoded twice."""
+    model = sd_pipeline(tmp_path / "sd")
+    family = get_family("diffusion")
+    cfg = config(tmp_path, model, tmp_path / "unused.jsonl", cache_encodings=False)
+    frozen = family.load_processor(str(model), cfg)
+    imgs = [image(i, i % 2 == 0) for i in range(4)]
+    captions = ["a cat", "a cat", "a dog", "sky"]
+    rows = [{"prompt": c, "completion": png(img), "label": label}
+            for c, img, label in zip(captions, imgs, [True, 0, 1, False])]
+    got = family.examples(rows, frozen, cfg)
+    plain = family.examples([{"prompt": c, "image": png(img), "label": True} for c, img in zip(captions, imgs)],
+                            frozen, cfg)
+    assert [ex.label for ex in got] == [True, False, True, False]
+    assert all(torch.equal(a.chosen, b.chosen) and torch.equal(a.rejected, b.rejected) for a, b in zip(got, plain))
+    # row 0 takes row 3's image (cyclically); row 1 skips row 0 (same caption) for row 3; rows 2, 3 their previous
+    mismatch = [next(j for j, other in enumerate(got) if torch.equal(ex.rejected, other.chosen)) for ex in got]
+    assert mismatch == [3, 3, 1, 2]
+    assert torch.equal(got[1].text, got[0].text) and not torch.equal(got[2].text, got[0].text)
+    with pytest.raises(DataError, match="at least 2 rows"):  # a row's KL term needs another row's image
+        family.examples(rows[:1], frozen, cfg)
+
+    folder = tmp_path / "csv"
+    folder.mkdir()
+    for i, img in enumerate(imgs[:2]):
+        img.save(folder / f"{i}.png")
+    (folder / "rows.csv").write_text("prompt,image,label\na cat,0.png,1\nsky,1.png,false\n")
+    assert [ex.label for ex in family.examples(str(folder / "rows.csv"), frozen, cfg)] == [True, False]
+
+
+@pytest.mark.parametrize("row, problem", [
+    ({"class": 1, "image": "w.png", "label": "maybe"}, "field 'label' must be true"),
+    ({"class": 1, "image": "w.png", "label": 2}, "field 'label' must be true"),
+    ({"class": 1, "image": "w.png"}, "missing field 'label'"),
+    ({"class": 1, "label": False}, "no image: an unpaired row needs 'image'"),
+    ({"class": 1, "image": "nope.png", "label": False}, "not found"),
+    ({"class": 1, "chosen": "w.png", "rejected": "w.png"}, "mixed in one file"),
+    ({"class": 1, "image": "w.png", "chosen": "w.png", "label": True}, "not both"),
+])
+def test_bad_unpaired_rows_are_one_line(tmp_path, row, problem):
+    model = pixel_pipeline(tmp_path / "pixel")
+    family = get_family("diffusion")
+    image(0, True).save(tmp_path / "w.png")
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps({"class": 0, "image": "w.png", "label": True}) + "\n" + json.dumps(row) + "\n")
+    cfg = config(tmp_path, model, path)
+    with pytest.raises(DataError) as err:
+        family.examples(str(path), family.load_processor(str(model), cfg), cfg)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"{path}, row 2: ") and problem in message
+
+
+def test_cli_bad_label_exits_2_naming_the_row(tmp_path, capsys):
+    import yaml
+
+    from dpokit.cli import main
+
+    model = pixel_pipeline(tmp_path / "pixel")
+    data = write_unpaired(tmp_path / "data", 3)
+    lines = data.read_text().splitlines()
+    lines[2] = json.dumps({**json.loads(lines[2]), "label": "yes please"})
+    data.write_text("\n".join(lines) + "\n")
+    path = tmp_path / "kto.yaml"
+    path.write_text(yaml.safe_dump({**config(tmp_path, model, data).to_dict(), "loss_type": "kto"}))
+    assert main(["train", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{data}, row 3: field 'label' must be true" in err[0] and "'yes please'" in err[0]
+    assert not (tmp_path / "out" / "unet").exists()

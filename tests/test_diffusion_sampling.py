@@ -73,7 +73,7 @@ def test_cli_writes_images_and_grid_and_base_is_the_starting_model(pixel_run, tm
     assert main([*args, "--out", str(tmp_path / "base"), "--base"]) == 0
     assert "grid.png" in capsys.readouterr().out
 
-    names = {f"{i}-{k}.png" for i in range(3) for k in range(3)} | {"grid.png"}
+    names = {f"{i}-{k}.png" for i in range(3) for k in range(3)} | {"grid.png", "prompts.json"}
     assert {p.name for p in (tmp_path / "run").iterdir()} == names
     grid = Image.open(tmp_path / "run" / "grid.png")
     assert grid.size == (3 * 8, 3 * 8)  # columns = samples, rows = prompts, 8×8 images
@@ -163,3 +163,74 @@ def test_missing_run_is_one_line_exit_2(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "not a dpokit run directory" in err[0]
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------- sample grids in report.html
+
+
+def data_uris(page: str) -> list[bytes]:
+    import base64
+    import re
+
+    return [base64.b64decode(m) for m in re.findall(r'<img src="data:image/png;base64,([^"]+)"', page)]
+
+
+def train_yaml(tmp_path: Path, model: Path, data: Path, **own) -> Path:
+    """A config file for `dpokit train`, with the family's own keys beside the shared ones."""
+    import yaml
+
+    path = tmp_path / "run.yaml"
+    cfg = config(tmp_path, model, data, max_steps=2, learning_rate=2e-2)
+    path.write_text(yaml.safe_dump({**cfg.to_dict(), **own}))
+    return path
+
+
+def test_train_with_sample_prompts_puts_base_and_trained_grids_in_the_report(tmp_path, capsys):
+    """After `dpokit train` with sample_prompts: samples/{base,trained}/grid.png on the same seeds, embedded in
+    report.html side by side (base first) with the prompts; the base grid is what `dpokit sample RUN --base`
+    draws, and training changed the trained one."""
+    model = pixel_pipeline(tmp_path / "pixel")
+    path = train_yaml(tmp_path, model, write_data(tmp_path / "data", 4, captions=False), sample_prompts=[0, 2],
+                      sample_num=2)
+    assert main(["train", str(path)]) == 0
+    assert "sample grids of the base and the trained model" in capsys.readouterr().out
+    run = tmp_path / "out"
+    grids = [run / "samples" / name / "grid.png" for name in ("base", "trained")]
+    page = (run / "report.html").read_text()
+    assert "<h2>Samples</h2>" in page and data_uris(page) == [g.read_bytes() for g in grids]
+    assert page.index('data-name="base"') < page.index('data-name="trained"')
+    assert "<span>0</span><span>2</span>" in page  # each grid's rows named by their prompts
+    assert Image.open(grids[0]).size == (2 * 8, 2 * 8)
+
+    assert main(["sample", str(run), "--base", "--prompts", "0", "2", "--num", "2", "--out", str(tmp_path / "b")]) == 0
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "b" / "grid.png")), np.asarray(Image.open(grids[0])))
+    assert not np.array_equal(np.asarray(Image.open(grids[0])), np.asarray(Image.open(grids[1])))
+
+
+def test_no_sample_prompts_no_samples_until_dpokit_sample_writes_them(tmp_path, capsys):
+    """Without sample_prompts training draws nothing and the report has no Samples; `dpokit sample RUN` with no
+    --out writes RUN/samples/trained, which `dpokit report RUN` then shows."""
+    model = pixel_pipeline(tmp_path / "pixel")
+    assert main(["train", str(train_yaml(tmp_path, model, write_data(tmp_path / "data", 4, captions=False)))]) == 0
+    run = tmp_path / "out"
+    assert not (run / "samples").exists() and "Samples" not in (run / "report.html").read_text()
+    assert main(["sample", str(run), "--prompts", "1", "--num", "2", "--steps", str(STEPS)]) == 0
+    assert "dpokit report" in capsys.readouterr().out
+    assert (run / "samples" / "trained" / "grid.png").is_file()
+    assert main(["report", str(run)]) == 0
+    page = (run / "report.html").read_text()
+    assert data_uris(page) == [(run / "samples" / "trained" / "grid.png").read_bytes()]
+
+
+@pytest.mark.parametrize("value, problem", [([7], "sample_prompts: prompt 1: .*unknown class id 7"),
+                                            (["a cat"], "sample_prompts: .*integer class id"),
+                                            ("0", "sample_prompts must be a non-empty list")])
+def test_bad_sample_prompts_fail_before_training(tmp_path, capsys, value, problem):
+    import re
+
+    model = pixel_pipeline(tmp_path / "pixel")
+    path = train_yaml(tmp_path, model, write_data(tmp_path / "data", 2, captions=False), sample_prompts=value)
+    assert main(["train", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.search(problem, err[0])
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()

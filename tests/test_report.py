@@ -77,3 +77,32 @@ def test_chromium_draws_the_plots(tmp_path):
 
     # the first two series colours are stroked across many panels: thousands of pixels each
     assert count(PALETTE[0]) > 2000 and count(PALETTE[1]) > 1000
+
+
+def _grid(path, color, size=(16, 8)):
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, color).save(path)
+    return path.read_bytes()
+
+
+def test_sample_grids_are_embedded_base_first_with_their_prompts(tmp_path):
+    """samples/*/grid.png become data-URI images in a Samples section: base, trained, then any other folder by
+    name, each under its folder's name, rows labelled with prompts.json's prompts (escaped); none, no section."""
+    import base64
+
+    run = _run_dir(tmp_path)
+    assert "Samples" not in write_report(run).read_text()
+    grids = {name: _grid(run / "samples" / name / "grid.png", color)
+             for name, color in (("trained", "red"), ("zeta", "green"), ("base", "blue"))}
+    (run / "samples" / "base" / "prompts.json").write_text(json.dumps(["a <red> cat", 2]))
+    page = write_report(run).read_text()
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page)  # still nothing fetched
+    figures = re.findall(r'<figure class="sample" data-name="([^"]+)"><figcaption>([^<]+)</figcaption>', page)
+    assert figures == [("base", "base"), ("trained", "trained"), ("zeta", "zeta")]
+    images = [base64.b64decode(m) for m in re.findall(r'<img src="data:image/png;base64,([^"]+)"', page)]
+    assert images == [grids["base"], grids["trained"], grids["zeta"]]
+    assert "<span>a &lt;red&gt; cat</span><span>2</span>" in page
+    sizes = re.findall(r'<img [^>]*width="(\d+)" height="(\d+)"', page)
+    assert sizes[:2] == [("256", "128"), ("128", "64")]  # small cells scaled up to >= 64 px: 4-px rows ×16, 8-px ×8

@@ -24,6 +24,11 @@ def _train(args) -> None:
         return
     result = train(cfg)
     print(f"trained {result.global_step} steps; model and metrics in {result.output_dir}")
+    from .report_samples import write_sample_grids
+
+    grids = write_sample_grids(result.output_dir, cfg)  # after training, never inside the loop
+    if grids:
+        print(f"sample grids of the base and the trained model: {', '.join(map(str, grids))}")
 
 
 def _demo(args) -> None:
@@ -107,28 +112,18 @@ def _sample_prompts(values: list[str] | None) -> list:
 def _sample(args) -> None:
     from pathlib import Path
 
-    import torch
-
     from .config import load_config
-    from .families import get_family
-    from .images import write_images
+    from .report_samples import sample_run, samples_dir
 
     run = Path(args.run)
     if not (run / "config.yaml").is_file():
         raise DpokitError(f"{run}: not a dpokit run directory (no config.yaml)")
     cfg = load_config(run / "config.yaml")
-    family = get_family(cfg.family)
-    family.require("sample", "dpokit sample")
-    family.require("load_trained", "dpokit sample")
-    if args.base and not cfg.model:
-        raise DpokitError(f"{run}/config.yaml names no starting model ('model') for --base")
-    model, processor = family.load_trained(cfg.model if args.base else str(run), cfg)
-    model.to("cuda" if torch.cuda.is_available() else "cpu")
-    settings = {"num_inference_steps": args.steps, "guidance_scale": args.guidance}
-    images = family.sample(model, processor, _sample_prompts(args.prompts), num_generations=args.num, seed=args.seed,
-                           **{k: v for k, v in settings.items() if v is not None})
-    paths = write_images(images, args.out)
-    print(f"wrote {len(paths) - 1} images of {'the base model' if args.base else run} and {paths[-1]}")
+    out = Path(args.out) if args.out else samples_dir(run, args.base)
+    paths = sample_run(run, cfg, _sample_prompts(args.prompts), out, base=args.base, num=args.num, seed=args.seed,
+                       num_inference_steps=args.steps, guidance_scale=args.guidance)
+    hint = "" if args.out else f" (dpokit report {run} shows it in report.html)"
+    print(f"wrote {len(paths) - 1} images of {'the base model' if args.base else run} and {paths[-1]}{hint}")
 
 
 def _report(args) -> None:
@@ -207,10 +202,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", nargs="+", metavar="FILE_OR_TEXT",
                    help="files of rows with 'prompt' (JSON Lines, CSV, ...) or the prompts themselves: captions, or "
                         "class ids for a class-conditional model; none for an unconditional model")
-    p.add_argument("--out", required=True, help="folder for <prompt>-<sample>.png and grid.png")
+    p.add_argument("--out", help="folder for <prompt>-<sample>.png, grid.png and prompts.json (default: "
+                                 "RUN/samples/trained, or RUN/samples/base with --base, which report.html shows)")
     p.add_argument("--num", type=int, default=4, help="samples per prompt (default 4)")
     p.add_argument("--steps", type=int, help="denoising steps (default: the family's)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="the same seed gives the same images (default 0, as the "
+                                                      "grids drawn after training)")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the family's)")
     p.add_argument("--base", action="store_true", help="sample the run's starting model (its config's 'model'), "
                                                        "for before/after")

@@ -6,10 +6,16 @@ as an attachment. Panels: loss, reward accuracy, reward margin, chosen/rejected 
 chosen/rejected log-probs, KL, then one panel for every other logged metric. Training
 series are solid lines, eval series (`eval_*`) dashed with markers; hovering a marker shows
 its step and value; a metric and its eval twin share a colour.
+
+When the run holds sample grids (`<output_dir>/samples/<name>/grid.png`, see report_samples),
+a Samples section shows them side by side, base first, then trained, each under its folder's
+name with its rows' prompts beside it; the PNGs are embedded as data URIs, so the page stays
+one file.
 """
 
 from __future__ import annotations
 
+import base64
 import html
 import json
 import math
@@ -151,10 +157,66 @@ svg .axis{font-size:11px;fill:#555} svg .series{fill:none;stroke-width:2;stroke-
 .key i{display:inline-block;width:16px;height:0;margin-right:4px;vertical-align:middle}
 table{border-collapse:collapse;font-size:13px;margin:0 0 16px} td,th{padding:2px 10px;text-align:left}
 th{border-bottom:1px solid #ccc}
+.samples{display:flex;flex-wrap:wrap;gap:16px;align-items:flex-start}
+.sample{margin:0;padding:8px;border:1px solid #ddd;border-radius:6px}
+.sample figcaption{font-weight:600;margin-bottom:4px} .sample .cells{display:flex}
+.sample .rows{display:grid;align-items:center;padding-right:8px;font-size:12px;color:#555;max-width:160px}
+.sample img{image-rendering:pixelated;max-width:100%;height:auto}
 """
+SAMPLE_ORDER = ("base", "trained")  # the before and the after, left to right; other folders follow by name
+MIN_CELL = 64  # px: tiny samples are scaled up (by whole pixels) to at least this
 
 
-def render_report(rows: list[dict], title: str, config: dict | None = None) -> str:
+def sample_grids(output_dir: Path) -> list[tuple[str, Path, list | None]]:
+    """(folder name, grid.png, the rows' prompts or None) of every sample folder of the run, base first."""
+    found = {p.parent.name: p for p in Path(output_dir).glob("samples/*/grid.png")}
+    names = [n for n in SAMPLE_ORDER if n in found] + sorted(set(found) - set(SAMPLE_ORDER))
+    return [(name, found[name], _prompts(found[name].parent / "prompts.json")) for name in names]
+
+
+def _prompts(path: Path) -> list | None:
+    """A sample folder's prompts, one per grid row; None when missing or unreadable (the grid still shows)."""
+    try:
+        prompts = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return prompts if isinstance(prompts, list) and prompts else None
+
+
+def _sample_figure(name: str, grid: Path, prompts: list | None) -> str:
+    """One grid as an embedded PNG, under its folder's name, its rows labelled with their prompts."""
+    from PIL import Image
+
+    e = html.escape
+    try:
+        data = grid.read_bytes()
+        with Image.open(grid) as img:
+            w, h = img.size
+    except OSError as err:  # a report is still worth writing without this grid
+        return (f'<figure class="sample" data-name="{e(name)}"><figcaption>{e(name)}</figcaption>'
+                f"<p>unreadable {e(str(grid.name))}: {e(str(err))}</p></figure>")
+    rows = len(prompts) if prompts and h % len(prompts) == 0 else 1
+    scale = max(1, -(-MIN_CELL // (h // rows)))
+    labels = ""
+    if prompts and rows == len(prompts):
+        cells = "".join(f"<span>{e('(none)' if p is None else str(p))}</span>" for p in prompts)
+        labels = f'<div class="rows" style="grid-template-rows:repeat({rows},1fr)">{cells}</div>'
+    uri = "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+    return (f'<figure class="sample" data-name="{e(name)}"><figcaption>{e(name)}</figcaption><div class="cells">'
+            f'{labels}<img src="{uri}" width="{w * scale}" height="{h * scale}" alt="{e(name)} samples"></div>'
+            f"</figure>")
+
+
+def _samples_section(grids: list[tuple[str, Path, list | None]]) -> str:
+    if not grids:
+        return ""
+    figures = "".join(_sample_figure(*g) for g in grids)
+    return ('<h2>Samples</h2><p class="meta">rows: prompts · columns: samples; grids drawn with the same seed start '
+            f'each column from the same noise</p><div class="samples">{figures}</div>')
+
+
+def render_report(rows: list[dict], title: str, config: dict | None = None,
+                  grids: list[tuple[str, Path, list | None]] = ()) -> str:
     series = _series(rows)
     names = list(series)
     colors, panel_html = {}, []
@@ -176,11 +238,13 @@ def render_report(rows: list[dict], title: str, config: dict | None = None) -> s
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{e(title)}</title>'
             f"<style>{CSS}</style></head><body><h1>{e(title)}</h1>"
             f'<p class="meta">{" · ".join(facts + [f"{last_step} steps", f"written {stamp}"])}</p>'
-            f'<div class="grid-panels">{"".join(panel_html)}</div><h2>Last values</h2>{table}</body></html>')
+            f'<div class="grid-panels">{"".join(panel_html)}</div>{_samples_section(list(grids))}'
+            f"<h2>Last values</h2>{table}</body></html>")
 
 
 def write_report(output_dir: str | Path) -> Path:
-    """Write `<output_dir>/report.html` from its metrics.jsonl (and config.yaml, if there); returns the path."""
+    """Write `<output_dir>/report.html` from its metrics.jsonl (and config.yaml and sample grids, if there); returns
+    the path."""
     out = Path(output_dir)
     metrics = out / "metrics.jsonl"
     if not metrics.is_file():
@@ -192,7 +256,8 @@ def write_report(output_dir: str | Path) -> Path:
             config = yaml.safe_load((out / "config.yaml").read_text())
         except yaml.YAMLError:
             config = None
-    page = render_report(rows, f"dpokit run: {out.resolve().name}", config if isinstance(config, dict) else None)
+    page = render_report(rows, f"dpokit run: {out.resolve().name}", config if isinstance(config, dict) else None,
+                         sample_grids(out))
     path = out / "report.html"
     write_text(path, page)
     return path

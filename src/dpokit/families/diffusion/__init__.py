@@ -3,7 +3,8 @@
 - config.py: the family's own keys (`DiffusionConfig`);
 - models.py: loading a pipeline folder (pixel-space UNet2DModel, or Stable Diffusion's layout), LoRA, saving;
 - images.py: images from paths, bytes or `datasets` values, checked and resized;
-- data.py: rows (prompt/chosen/rejected, or Pick-a-Pic's caption/jpg_0/jpg_1/label_0) → raw pairs;
+- data.py: rows (prompt/chosen/rejected, Pick-a-Pic's caption/jpg_0/jpg_1/label_0, or unpaired prompt/image/label
+  for KTO) → raw pairs;
 - encode.py: latents and text embeddings, computed once and cached on disk;
 - scorer.py: the per-pair (t, ε) draw and the score −½·mse;
 - sampling.py: a trained run loaded back (`load_trained`) and images sampled from it (`sample`).
@@ -44,9 +45,22 @@ class DiffusionFamily(Family):
         if not cfg.model:
             raise DpokitError("config key 'model' is required (a local diffusers pipeline folder)")
         unet, frozen = load_unet(cfg.model, cfg), load_frozen(cfg.model, cfg)
+        self._check_sample_prompts(frozen, cfg)
         if cfg.lora is not None:
             unet = apply_lora(unet, cfg.lora)
         return unet, frozen
+
+    def _check_sample_prompts(self, frozen, cfg) -> None:
+        """`sample_prompts` the model cannot take (a caption for a class-conditional UNet, an unknown class id)
+        fail here, before training, rather than when the report's grids are drawn after it."""
+        from .sampling import conditions
+
+        prompts = self.settings(cfg).sample_prompts
+        if prompts is not None:
+            try:
+                conditions(frozen, prompts)
+            except DpokitError as e:
+                raise DpokitError(f"sample_prompts: {e}") from None
 
     def load_model(self, path, cfg):
         from .models import load_unet
@@ -80,7 +94,8 @@ class DiffusionFamily(Family):
 
     def collate(self, examples, cfg, frozen, draws):
         """x0 of each pair's two images, noised with the pair's own (t, ε) from the loop's per-example seeds, and
-        the conditioning."""
+        the conditioning. An unpaired row is scored the same way: its labelled image as the chosen and its
+        mismatched image (KTO's KL term) as the rejected, both on the row's one (t, ε), with `label`."""
         x0_w = torch.stack([ex.chosen for ex in examples])
         x0_l = torch.stack([ex.rejected for ex in examples])
         batch = noised_batch(x0_w, x0_l, draws, frozen.scheduler)
@@ -90,6 +105,8 @@ class DiffusionFamily(Family):
             batch["class_labels"] = torch.tensor([ex.class_id for ex in examples])
         batch["weight"] = torch.tensor([ex.weight for ex in examples], dtype=torch.float32)
         batch["margin"] = torch.tensor([ex.margin for ex in examples], dtype=torch.float32)
+        if examples[0].label is not None:
+            batch["label"] = torch.tensor([bool(ex.label) for ex in examples])
         return batch
 
     def scorer(self, model, cfg):

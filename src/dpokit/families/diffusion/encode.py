@@ -1,5 +1,6 @@
 """Raw pairs → examples: latents (VAE posterior mean × scaling_factor) and text embeddings, computed once by the
 frozen encoders and cached on disk, so no step re-encodes them. Pixel-space models take the pixels in [-1, 1].
+An unpaired row's rejected image is another row's image: it is encoded once and shared.
 
 The cache file is keyed by everything that changes an encoding: the VAE's and text encoder's weights and config,
 the tokenizer's settings, and every image's pixels and caption at the model's resolution.
@@ -26,10 +27,11 @@ CACHE_VERSION = b"dpokit-diffusion-encodings-1"
 
 @dataclass
 class DiffusionExample:
-    """One preference pair, encoded. The Example protocol's fields, and the family's own tensors."""
+    """One preference pair, or one unpaired image (`label` set), encoded. The Example protocol's fields, and the
+    family's own tensors."""
 
-    chosen: torch.Tensor  # x0 of the preferred image: latents [4, h, w] or pixels [C, H, W] in [-1, 1]
-    rejected: torch.Tensor
+    chosen: torch.Tensor  # x0 of the preferred (unpaired: the labelled) image: latents [4, h, w] or pixels [C, H, W]
+    rejected: torch.Tensor  # unpaired: another row's image under this row's condition, for KTO's KL estimate
     text: torch.Tensor | None  # encoder hidden states [L, D] (shared among rows with the same caption)
     class_id: int | None
     weight: float = 1.0
@@ -90,10 +92,24 @@ def encode_captions(captions: list[str], text_encoder, tokenizer, batch_size: in
     return torch.cat(out)
 
 
+def distinct_images(pairs: list[RawPair]) -> tuple[list[torch.Tensor], list[int], list[int]]:
+    """The images to encode, each once, and per pair the index of its chosen and its rejected image among them:
+    a pair's two images are its own; an unpaired row's rejected image is row `mismatch`'s own."""
+    if pairs and pairs[0].label is not None:
+        return [p.chosen for p in pairs], list(range(len(pairs))), [p.mismatch for p in pairs]
+    n = len(pairs)
+    return [img for p in pairs for img in (p.chosen, p.rejected)], list(range(0, 2 * n, 2)), list(range(1, 2 * n, 2))
+
+
+def _example(chosen: torch.Tensor, rejected: torch.Tensor, text: torch.Tensor | None, p: RawPair) -> DiffusionExample:
+    return DiffusionExample(chosen, rejected, text, p.class_id, p.weight, label=p.label)
+
+
 def encode(pairs: list[RawPair], frozen: Frozen, cfg, batch_size: int, use_cache: bool) -> list[DiffusionExample]:
+    images, chosen, rejected = distinct_images(pairs)
     if not frozen.latent:
-        return [DiffusionExample(to_unit_range(p.chosen), to_unit_range(p.rejected), None, p.class_id, p.weight)
-                for p in pairs]
+        x0 = [to_unit_range(img) for img in images]
+        return [_example(x0[c], x0[r], None, p) for p, c, r in zip(pairs, chosen, rejected)]
     from safetensors.torch import load_file
 
     path = cache_file(cfg, encodings_key(pairs, frozen)) if use_cache else None
@@ -102,14 +118,12 @@ def encode(pairs: list[RawPair], frozen: Frozen, cfg, batch_size: int, use_cache
         log.info("diffusion encodings: cache hit %s", path.name)
         saved = load_file(str(path))
     else:
-        pixels = torch.stack([img for p in pairs for img in (p.chosen, p.rejected)]) if pairs else None
-        latents = encode_images(pixels, frozen.vae, batch_size) if pixels is not None else torch.zeros(0)
-        saved = {"chosen": latents[0::2].contiguous(), "rejected": latents[1::2].contiguous(),
+        latents = encode_images(torch.stack(images), frozen.vae, batch_size) if images else torch.zeros(0)
+        saved = {"chosen": latents[chosen].contiguous(), "rejected": latents[rejected].contiguous(),
                  "text": encode_captions(captions, frozen.text_encoder, frozen.tokenizer, batch_size)
                  if captions else torch.zeros(0)}
         if path is not None:
             save_tensors(path, saved)
     index = {c: i for i, c in enumerate(captions)}
     texts = list(saved["text"])  # one tensor per distinct caption, shared by its rows
-    return [DiffusionExample(saved["chosen"][i], saved["rejected"][i], texts[index[p.caption]], p.class_id, p.weight)
-            for i, p in enumerate(pairs)]
+    return [_example(saved["chosen"][i], saved["rejected"][i], texts[index[p.caption]], p) for i, p in enumerate(pairs)]

@@ -2,6 +2,9 @@
 noise ε, shared by the preferred and the rejected image, and the score −½·mse(target, ε_θ(x_t, t, c)), the mse a
 mean over every latent (or pixel) element. With that, dpokit's `sigmoid` loss with `beta` is the Diffusion-DPO
 script's loss with `beta_dpo`: −log σ(−½·β·((mse_w − mse_l) − (ref_w − ref_l))).
+
+Unpaired (KTO) rows go through unchanged: the labelled image in the chosen slot, the row's mismatched image in the
+rejected one, on the row's one (t, ε); the objective reads the batch's `label`.
 """
 
 from __future__ import annotations
