@@ -3,6 +3,7 @@
     dpokit experiment frontier [--task line|vader] [--data FILE] [--out DIR] [--docs DIR] [--seed N] [--quick]
     dpokit experiment secalign [--out DIR] [--docs DIR] [--seed N] [--quick]
     dpokit experiment hierarchy [--prompt-format text|delimiters|ise] [--out DIR] [--docs DIR] [--seed N] [--quick]
+    dpokit experiment diffusion [--out DIR] [--docs DIR] [--seed N] [--quick]
 
 Another experiment's flag is refused while the command line is parsed, before anything runs, in one line that
 names the experiment it belongs to. An experiment's module is imported only when it runs.
@@ -84,7 +85,23 @@ def _run_hierarchy(args) -> None:
     run(args.out, quick=args.quick, seed=args.seed, docs_dir=args.docs, prompt_format=args.prompt_format)
 
 
-EXPERIMENTS = {"frontier": add_frontier, "secalign": add_secalign, "hierarchy": add_hierarchy}
+def add_diffusion(experiments) -> tuple[argparse.ArgumentParser, list[argparse.Action]]:
+    p = _experiment_parser(experiments, "diffusion", "Diffusion-DPO vs preferred-FT on a digit generator trained "
+                           "from scratch on MNIST: unwanted rate, Fréchet distance, diversity",
+                           out="the models, pairs, samples.png and diffusion.json", docs="its section and picture")
+    p.set_defaults(experiment_run=_run_diffusion)
+    return p, []
+
+
+def _run_diffusion(args) -> None:
+    from . import diffusion
+
+    diffusion.run(args.out, size=diffusion.QUICK if args.quick else diffusion.FULL, seed=args.seed,
+                  docs_dir=args.docs, command="dpokit experiment diffusion" + (" --quick" if args.quick else ""))
+
+
+EXPERIMENTS = {"frontier": add_frontier, "secalign": add_secalign, "hierarchy": add_hierarchy,
+               "diffusion": add_diffusion}
 
 
 class _BelongsElsewhere(argparse.Action):
