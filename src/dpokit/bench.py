@@ -450,6 +450,10 @@ def run_bench(args) -> None:
     if device == "cuda" and not torch.cuda.is_available():
         from .errors import DpokitError
         raise DpokitError("--device cuda: torch sees no CUDA device")
+    if args.family == "diffusion":
+        from .bench_diffusion import run_bench as run_diffusion
+
+        return run_diffusion(args, device)
     s = Settings(pairs=args.pairs, batch_size=args.batch_size, max_length=args.max_length,
                  learning_rate=args.learning_rate, threads=args.threads, device=device, **SHAPES[args.shape])
     if args.threads:
@@ -486,6 +490,9 @@ def run_bench(args) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--family", choices=("causal_lm", "diffusion"), default="causal_lm",
+                   help="causal_lm: dpokit vs TRL's DPOTrainer; diffusion: dpokit vs the diffusers Diffusion-DPO "
+                        "script's step (see dpokit.bench_diffusion)")
     p.add_argument("--pairs", type=int, default=256)
     p.add_argument("--repeats", type=int, default=3, help="runs of each trainer, interleaved (default 3)")
     p.add_argument("--batch-size", type=int, default=8)
@@ -507,3 +514,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trl-set", action="append", metavar="KEY=VALUE",
                    help="a DPOConfig override, e.g. gradient_checkpointing=false")
     p.add_argument("--json", default=None, help="write every measurement to this file")
+    from .bench_diffusion import add_arguments as diffusion_arguments
+
+    diffusion_arguments(p)
