@@ -38,8 +38,9 @@ from .digits import CLASSES, SIZE, UNWANTED_BELOW, judge, load_mnist, measure, p
     train_evaluator, unwanted
 
 NAME = "diffusion"
-FULL = dict(base_channels=(16, 32), base_steps=2500, pair_samples=200, eval_samples=100, sample_steps=20,
-            epochs=4, batch_size=32, learning_rate=1e-4, beta=5000.0)
+# base_steps: the calibration run (2,500 steps) gave a base unwanted rate of 23%, inside the issue's >= 15%.
+FULL = dict(base_channels=(16, 32), base_steps=2500, pair_samples=400, eval_samples=100, sample_steps=20,
+            epochs=10, batch_size=32, learning_rate=1e-4, beta=5000.0)
 DEMO = dict(FULL, base_steps=1000, pair_samples=100, eval_samples=50)
 QUICK = dict(FULL, base_channels=(8, 16), base_steps=60, pair_samples=10, eval_samples=6, sample_steps=4, epochs=1,
              batch_size=8)
@@ -209,6 +210,12 @@ protocol at demo size). The protocol and the decision rule below were committed 
   the unwanted rate; the Fréchet distance (FID's formula) between the samples' and the reference digits' features
   in the evaluator's 64-wide penultimate layer; within-digit diversity, the mean pairwise feature distance among
   samples asked for the same digit, averaged over digits.
+- **Sizes** (fixed before the runs): base UNet channels {FULL['base_channels']}, {FULL['base_steps']:,} steps at batch
+  64 (one calibration run of the base alone chose this: 23% unwanted); {FULL['pair_samples']} base samples per digit
+  for pairs (DDIM, {FULL['sample_steps']} steps); DPO and preferred-FT {FULL['epochs']} epochs at batch
+  {FULL['batch_size']}, learning rate {FULL['learning_rate']:g} constant, β = {FULL['beta']:g} (the Diffusion-DPO
+  paper's β for Stable Diffusion; dpokit's β is the diffusers script's `beta_dpo`); {FULL['eval_samples']} evaluation
+  samples per digit per model.
 - **Decision rule**: the goal is met when DPO's unwanted rate is at most {GOAL['unwanted_ratio']:g}× the base
   model's, its Fréchet distance at most {GOAL['fid_ratio']:.2f}× the base model's and its diversity at least
   {GOAL['diversity_ratio']:.2f}× the base model's. The experiment counts only if the base model's unwanted rate is at
