@@ -30,7 +30,7 @@ def bench_dir(tmp_path_factory):
 def test_peer_step_is_dpokit_step(bench_dir, tmp_path):
     """With dpokit's latents (the posterior mean) and dpokit's draws, the peer's loss and logged metrics are dpokit's
     first step's, and one AdamW step of the peer moves the LoRA weights where dpokit's step moved them: the two do
-    the same work per step, and dpokit's beta is the script's beta_dpo, converted right. LoRA starts non-zero
+    the same work per step, and dpokit's beta is the script's beta_dpo. LoRA starts non-zero
     (init_lora_weights False) so that the policy is not the reference and the loss is not log 2 by construction."""
     s = DiffusionSettings(pairs=4, batch_size=4, weight_decay=0.5)  # decay big enough to see in one step
     lora = {"r": s.rank, "lora_alpha": s.rank, "init_lora_weights": False}
@@ -55,7 +55,7 @@ def test_peer_step_is_dpokit_step(bench_dir, tmp_path):
     assert abs(loss.item() - math.log(2)) > 1e-2  # the comparison means something
     # The two sum each image's squared error in a different order; beta_dpo = 2500 multiplies that float32 rounding
     # (~1e-7 of an mse near 1, four mse terms per pair) into the logit, and σ' ≤ 1/4 brings it back: up to ~3e-4 in
-    # the loss. A wrong beta conversion (2x) or a different draw moves the loss by more than 1e-2.
+    # the loss. A beta off by 2x or a different draw moves the loss by more than 1e-2.
     assert first["loss"] == pytest.approx(loss.item(), abs=3e-4)
     assert first["raw_model_loss"] == pytest.approx(metrics["raw_model_loss"].item(), rel=1e-5)
     assert first["ref_loss"] == pytest.approx(metrics["ref_loss"].item(), rel=1e-5)

@@ -10,12 +10,12 @@ What it does at *every* step, and so what the peer does:
 4. draw one noise tensor and one timestep per pair, shared by the preferred and the rejected image;
 5. one UNet forward over [preferred; rejected] with the LoRA adapters on (with grad), then the reference: the same
    UNet with `disable_adapters()` under no_grad, then `enable_adapters()`;
-6. loss = −log σ(beta_dpo · (ref_diff − model_diff)), the diffs being mse(preferred) − mse(rejected);
+6. loss = −log σ(−½·beta_dpo · (model_diff − ref_diff)), the diffs being mse(preferred) − mse(rejected);
 7. backward, clip the gradient norm to 1, AdamW (weight decay 1e-2) on the LoRA parameters, constant lr.
 
 dpokit runs through its public training path (`dpokit.train.Loop`, `family: diffusion`): steps 1-3 once, before
 training (latents are the posterior mean, cached; see families/diffusion/encode.py), then 4-7 at every step.
-dpokit scores −½·mse, so its `beta` is 2 × the script's `beta_dpo` for the same loss. The two do the same work per
+dpokit scores −½·mse, so its `beta` is the script's `beta_dpo` for the same loss. The two do the same work per
 step but for the encoding: `tests/test_bench_diffusion.py` checks that, given the same latents and draws, the
 peer's loss is dpokit's.
 
@@ -66,7 +66,7 @@ class DiffusionSettings:
     learning_rate: float = 5e-4  # the script's default
     epochs: int = 1
     rank: int = 4  # LoRA rank (alpha = rank, gaussian init: the script's)
-    beta_dpo: float = 2500.0  # the script's default; dpokit's beta is twice it
+    beta_dpo: float = 2500.0  # the script's default; dpokit's beta is the same number
     vae_encode_batch_size: int = 8  # the script's default; dpokit's encode_batch_size is the same by default
     weight_decay: float = 1e-2  # the script's AdamW default
     max_grad_norm: float = 1.0
@@ -330,7 +330,7 @@ def script_loss(unet, scheduler, latents, text, noise, timesteps, beta_dpo: floa
         adapters.enable_adapters()
     ref_w, ref_l = ref.chunk(2)
     logits = (ref_w - ref_l) - (model_w - model_l)
-    loss = -F.logsigmoid(beta_dpo * logits).mean()
+    loss = -F.logsigmoid(0.5 * beta_dpo * logits).mean()  # the script's scale_term = −½·beta_dpo
     metrics = {"raw_model_loss": 0.5 * (model_w.mean() + model_l.mean()), "ref_loss": ref.mean(),
                "implicit_acc": (logits > 0).float().mean() + 0.5 * (logits == 0).float().mean()}
     return loss, metrics
@@ -428,13 +428,13 @@ def _work_peer(workdir: Path, s: DiffusionSettings) -> dict:
 
 
 def dpokit_config(workdir: Path, s: DiffusionSettings, run_dir: Path, **extra):
-    """dpokit's config for the same run: the script's LoRA, optimizer and schedule; beta = 2 × beta_dpo (dpokit
+    """dpokit's config for the same run: the script's LoRA, optimizer and schedule; beta = beta_dpo (dpokit
     scores −½·mse); the encodings cache in a fresh folder, so every run encodes."""
     from .config import load_config
 
     values = dict(
         family="diffusion", model=str(workdir / "model"), train_data=str(workdir / "pairs.jsonl"),
-        lora={"r": s.rank, "lora_alpha": s.rank}, beta=2 * s.beta_dpo, loss_type="sigmoid",
+        lora={"r": s.rank, "lora_alpha": s.rank}, beta=s.beta_dpo, loss_type="sigmoid",
         learning_rate=s.learning_rate, lr_scheduler_type="constant", weight_decay=s.weight_decay,
         max_grad_norm=s.max_grad_norm, per_device_train_batch_size=s.batch_size, num_train_epochs=s.epochs,
         dtype="float32", bf16=s.device == "cuda", seed=s.seed, output_dir=str(run_dir / "out"),
@@ -628,5 +628,5 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--epochs", type=int, default=1, help="epochs of each run (default 1)")
     g.add_argument("--rank", type=int, default=4, help="LoRA rank, alpha = rank (the script's default 4)")
     g.add_argument("--beta-dpo", type=float, default=2500.0,
-                   help="the script's beta_dpo (default 2500); dpokit runs with beta = 2 x beta_dpo")
+                   help="the script's beta_dpo (default 2500); dpokit runs with the same beta")
 
