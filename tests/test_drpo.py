@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 from dpokit.errors import DpokitError
-from dpokit.families.diffusion.drpo import (dipole_drift, drift_regression_loss, drpo_loss, drpo_target,
+from dpokit.drpo.losses import (dipole_drift, drift_regression_loss, drpo_loss, drpo_target,
                                             onestep_dpo_loss, onestep_dpo_score, reference_drift)
-from dpokit.families.diffusion.online_onestep import (OneStepUNet, OnlineOneStepConfig, command_reward, drpo_step,
+from dpokit.drpo.online import (OneStepUNet, OnlineOneStepConfig, command_reward, drpo_step,
                                                       evaluate, frozen_copy, make_optimizer, train_drpo)
 
 

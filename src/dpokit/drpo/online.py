@@ -1,5 +1,5 @@
 """Online preference tuning of a one-step image generator: DrPO (Jiang, Wen, Liu 2026, arXiv 2606.02521) or, with
-method="dpo", its one-step DPO baseline on the same on-policy best/worst samples (drpo.py has the losses).
+method="dpo", its one-step DPO baseline on the same on-policy best/worst samples (losses.py has the losses).
 
 A step, for each of its `prompts_per_step` prompts (taken in turn from `prompts`):
 
@@ -37,8 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...errors import DpokitError
-from .drpo import TEMPERATURES, drpo_loss, onestep_dpo_loss
+from ..errors import DpokitError
+from .losses import TEMPERATURES, drpo_loss, onestep_dpo_loss
 
 Features = Callable[[torch.Tensor], "torch.Tensor | dict[str, torch.Tensor]"]
 Reward = Callable[[torch.Tensor, list], Any]
