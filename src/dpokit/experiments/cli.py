@@ -4,6 +4,7 @@
     dpokit experiment secalign [--out DIR] [--docs DIR] [--seed N] [--quick]
     dpokit experiment hierarchy [--prompt-format text|delimiters|ise] [--out DIR] [--docs DIR] [--seed N] [--quick]
     dpokit experiment diffusion [--out DIR] [--docs DIR] [--seed N] [--quick]
+    dpokit experiment onestep [--base DIR] [--out DIR] [--docs DIR] [--seed N] [--quick]
 
 Another experiment's flag is refused while the command line is parsed, before anything runs, in one line that
 names the experiment it belongs to. An experiment's module is imported only when it runs.
@@ -100,8 +101,26 @@ def _run_diffusion(args) -> None:
                   docs_dir=args.docs, command="dpokit experiment diffusion" + (" --quick" if args.quick else ""))
 
 
+def add_onestep(experiments) -> tuple[argparse.ArgumentParser, list[argparse.Action]]:
+    p = _experiment_parser(experiments, "onestep", "DrPO vs one-step DPO on a one-step digit generator distilled "
+                           "from the diffusion experiment's base model: reward and diversity",
+                           out="the distilled generator's logs and onestep.json", docs="its section")
+    base = p.add_argument("--base", help="the base model folder of `dpokit experiment diffusion` (its OUT/base); "
+                                         "without it the base is trained first")
+    p.set_defaults(experiment_run=_run_onestep)
+    return p, [base]
+
+
+def _run_onestep(args) -> None:
+    from . import onestep
+
+    onestep.run(args.out, size=onestep.QUICK if args.quick else onestep.FULL, seed=args.seed, base_dir=args.base,
+                docs_dir=args.docs, command="dpokit experiment onestep" + (f" --base {args.base}" if args.base else "")
+                + (" --quick" if args.quick else ""))
+
+
 EXPERIMENTS = {"frontier": add_frontier, "secalign": add_secalign, "hierarchy": add_hierarchy,
-               "diffusion": add_diffusion}
+               "diffusion": add_diffusion, "onestep": add_onestep}
 
 
 class _BelongsElsewhere(argparse.Action):
