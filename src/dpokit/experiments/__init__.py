@@ -31,8 +31,9 @@ def update_docs(path: Path, name: str, section: str, keep: str | None = None) ->
     write_text(path, text)
 
 
-def write_docs(results: dict, out_dir, docs_dir, name: str, section: str) -> None:
-    """Record the rerun command, save `<out_dir>/<name>.json` and refresh the experiment's docs section."""
+def write_docs(results: dict, out_dir, docs_dir, name: str, section: str, keep: str | None = None) -> None:
+    """Record the rerun command, save `<out_dir>/<name>.json` and refresh the experiment's docs section (`keep`: as
+    in `update_docs`, the hand-written text after that marker survives the rerun)."""
     results["command"] += f" --docs {docs_dir}"
     write_text(Path(out_dir) / f"{name}.json", json.dumps(results, indent=2))
-    update_docs(Path(docs_dir) / "experiments.md", name, section)
+    update_docs(Path(docs_dir) / "experiments.md", name, section, keep=keep)

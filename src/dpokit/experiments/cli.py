@@ -90,15 +90,21 @@ def add_diffusion(experiments) -> tuple[argparse.ArgumentParser, list[argparse.A
     p = _experiment_parser(experiments, "diffusion", "Diffusion-DPO vs preferred-FT on a digit generator trained "
                            "from scratch on MNIST: unwanted rate, Fréchet distance, diversity",
                            out="the models, pairs, samples.png and diffusion.json", docs="its section and picture")
+    lr = p.add_argument("--learning-rate", type=float,
+                        help="DPO's and preferred-FT's learning rate (default: the protocol's, 1e-4)")
     p.set_defaults(experiment_run=_run_diffusion)
-    return p, []
+    return p, [lr]
 
 
 def _run_diffusion(args) -> None:
     from . import diffusion
 
-    diffusion.run(args.out, size=diffusion.QUICK if args.quick else diffusion.FULL, seed=args.seed,
-                  docs_dir=args.docs, command="dpokit experiment diffusion" + (" --quick" if args.quick else ""))
+    size = dict(diffusion.QUICK if args.quick else diffusion.FULL)
+    if args.learning_rate is not None:
+        size["learning_rate"] = args.learning_rate
+    diffusion.run(args.out, size=size, seed=args.seed, docs_dir=args.docs,
+                  command="dpokit experiment diffusion" + (" --quick" if args.quick else "")
+                  + (f" --learning-rate {args.learning_rate:g}" if args.learning_rate is not None else ""))
 
 
 def add_onestep(experiments) -> tuple[argparse.ArgumentParser, list[argparse.Action]]:

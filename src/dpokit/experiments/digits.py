@@ -114,7 +114,8 @@ def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     cov_a, cov_b = torch.cov(a.T), torch.cov(b.T)
     root_a = _sqrt_psd(cov_a)
     cross = _sqrt_psd(root_a @ cov_b @ root_a)
-    return float(((mu_a - mu_b) ** 2).sum() + torch.trace(cov_a) + torch.trace(cov_b) - 2 * torch.trace(cross))
+    d = float(((mu_a - mu_b) ** 2).sum() + torch.trace(cov_a) + torch.trace(cov_b) - 2 * torch.trace(cross))
+    return max(d, 0.0)  # rounding can leave a distance of a set to itself a hair below zero
 
 
 def _sqrt_psd(m: torch.Tensor) -> torch.Tensor:
