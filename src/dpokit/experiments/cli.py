@@ -113,16 +113,21 @@ def add_onestep(experiments) -> tuple[argparse.ArgumentParser, list[argparse.Act
                            out="the distilled generator's logs and onestep.json", docs="its section")
     base = p.add_argument("--base", help="the base model folder of `dpokit experiment diffusion` (its OUT/base); "
                                          "without it the base is trained first")
+    lr = p.add_argument("--lr", type=float, help="DrPO's and one-step DPO's learning rate (default: the protocol's, "
+                                                "1e-4, the official scripts')")
     p.set_defaults(experiment_run=_run_onestep)
-    return p, [base]
+    return p, [base, lr]
 
 
 def _run_onestep(args) -> None:
     from . import onestep
 
-    onestep.run(args.out, size=onestep.QUICK if args.quick else onestep.FULL, seed=args.seed, base_dir=args.base,
-                docs_dir=args.docs, command="dpokit experiment onestep" + (f" --base {args.base}" if args.base else "")
-                + (" --quick" if args.quick else ""))
+    size = dict(onestep.QUICK if args.quick else onestep.FULL)
+    if args.lr is not None:
+        size["lr"] = args.lr
+    onestep.run(args.out, size=size, seed=args.seed, base_dir=args.base, docs_dir=args.docs,
+                command="dpokit experiment onestep" + (f" --base {args.base}" if args.base else "")
+                + (f" --lr {args.lr:g}" if args.lr is not None else "") + (" --quick" if args.quick else ""))
 
 
 EXPERIMENTS = {"frontier": add_frontier, "secalign": add_secalign, "hierarchy": add_hierarchy,

@@ -38,7 +38,8 @@ FULL = dict(distil_samples=400, distil_steps=2000, distil_lr=1e-4, sample_steps=
             num_samples=24, top_k=8, lr=1e-4, ref_weight=0.2, beta=30.0, eval_samples=100)
 QUICK = dict(FULL, distil_samples=8, distil_steps=20, sample_steps=4, steps=6, num_samples=8, top_k=2,
              eval_samples=6)
-DISTIL_SEED, EVAL_SEED = 3, 2  # distillation noise apart from the evaluation noise
+DISTIL_SEED, EVAL_SEED = 3, 2
+READING = "<!-- onestep:reading -->"  # docs text after this marker is hand-written and survives a rerun  # distillation noise apart from the evaluation noise
 
 
 def _say(t0: float, msg: str) -> None:
@@ -147,6 +148,7 @@ def run(out_dir: str | Path = "runs/onestep", size: dict | None = None, seed: in
         cfg = OnlineOneStepConfig(method=method, num_samples=size["num_samples"], top_k=size["top_k"],
                                   prompts_per_step=size["prompts_per_step"], steps=size["steps"], lr=size["lr"],
                                   ref_weight=size["ref_weight"], beta=size["beta"], seed=seed)
+        (out / f"{method}.jsonl").unlink(missing_ok=True)  # train_drpo appends: a rerun starts a fresh log
         gen = copy.deepcopy(g0).train().requires_grad_(True)
         logs[method] = train_drpo(gen, list(range(CLASSES)), reward, features, cfg, noise_shape=(1, SIZE, SIZE),
                                   base=frozen_copy(g0), log_path=str(out / f"{method}.jsonl"))
@@ -159,7 +161,7 @@ def run(out_dir: str | Path = "runs/onestep", size: dict | None = None, seed: in
     write_text(out / f"{NAME}.json", json.dumps(results, indent=2))
     print(format_table(results))
     if docs_dir is not None:
-        write_docs(results, out, docs_dir, NAME, markdown_section(results))
+        write_docs(results, out, docs_dir, NAME, markdown_section(results), keep=READING)
     return results
 
 
@@ -167,7 +169,8 @@ ROWS = (("onestep_base", "one-step base G₀"), ("dpo", "one-step DPO"), ("drpo"
 
 
 def format_table(results: dict) -> str:
-    lines = [f"{'model':<18}{'reward':>8}{'unwanted':>10}{'FID':>9}{'diversity':>11}"]
+    lines = [f"learning rate {results['size']['lr']:g}, {results['size']['steps']} steps",
+             f"{'model':<18}{'reward':>8}{'unwanted':>10}{'FID':>9}{'diversity':>11}"]
     for key, label in ROWS:
         r = results[key]
         lines.append(f"{label:<18}{r['p_asked']:>8.3f}{r['unwanted_rate']:>10.1%}{r['fid']:>9.2f}"
@@ -218,11 +221,14 @@ def markdown_section(results: dict) -> str:
 {PROTOCOL}
 ### Results
 
-Rerun: `{results['command']}` ({results['minutes']} min on this machine).
+Rerun: `{results['command']}` ({results['minutes']} min on this machine; learning rate {results['size']['lr']:g}).
 
 {chr(10).join(table)}
 
 Reading: **{v['reading']}** (DrPO higher reward: {v['drpo_higher_reward']}, diversity no lower:
 {v['drpo_diversity_no_lower']}; DrPO raises the reward over G₀: {v['drpo_raises_reward']}, DPO:
 {v['dpo_raises_reward']}).
+
+{READING}
+(The reading of these figures is written by hand after the runs; a rerun keeps it.)
 """
