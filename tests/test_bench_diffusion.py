@@ -100,7 +100,7 @@ def test_small_run_writes_the_expected_json(tmp_path, capsys):
 
     out = tmp_path / "bench.json"
     assert main(["bench", "--family", "diffusion", "--device", "cpu", "--pairs", "4", "--batch-size", "4",
-                 "--repeats", "1", "--threads", "1", "--json", str(out)]) == 0
+                 "--epochs", "1", "--repeats", "1", "--threads", "1", "--json", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "| diffusers script (re-implemented) |" in printed and "| dpokit |" in printed
     assert "dpokit / script:" in printed and "goal (>= 2x pairs/s, peak memory no higher)" in printed
