@@ -30,6 +30,10 @@ class TrainConfig:
     rpo_alpha: float | None = None  # RPO: adds rpo_alpha x NLL of the chosen reply (TRL's former DPOConfig name)
     desirable_weight: float = 1.0  # KTO: weight of desirable completions' losses (TRL KTOConfig name)
     undesirable_weight: float = 1.0  # KTO: weight of undesirable completions' losses
+    # CPL (Hejna et al. 2024; no TRL counterpart): conservative bias λ in (0, 1] on the rejected segment's
+    # score, logits = beta * (S_chosen - cpl_lambda * S_rejected) (the authors' `contrastive_bias`; 1: unbiased).
+    # CPL's temperature alpha is `beta`, its BC weight `bc_coeff` is `rpo_alpha`.
+    cpl_lambda: float = 1.0
     # TR-DPO: every ref_model_sync_steps optimizer steps, ref <- alpha * policy + (1 - alpha) * ref (TRL names)
     sync_ref_model: bool = False
     ref_model_mixup_alpha: float = 0.6
@@ -117,6 +121,9 @@ class TrainConfig:
             raise DpokitError(f"on_bad_row must be 'error' or 'skip', got {self.on_bad_row!r}")
         if self.beta <= 0:
             raise DpokitError(f"beta must be > 0, got {self.beta}")
+        from .objectives import ObjectiveConfig
+
+        ObjectiveConfig.from_config(self)  # the objective's own range checks (rpo_alpha, cpl_lambda, ...)
         for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps"):
             if getattr(self, name) < 1:
                 raise DpokitError(f"{name} must be >= 1, got {getattr(self, name)}")

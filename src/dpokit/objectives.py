@@ -81,8 +81,12 @@ class ObjectiveConfig:
     rpo_alpha: float | None = None  # RPO: adds α × NLL of the chosen reply to any loss (TRL's former DPOConfig name)
     desirable_weight: float = 1.0  # KTO: λ_D, the weight of desirable completions' losses (TRL KTOConfig name)
     undesirable_weight: float = 1.0  # KTO: λ_U
+    cpl_lambda: float = 1.0  # CPL: conservative bias λ ∈ (0, 1] on the rejected segment's score (`contrastive_bias`)
 
     def __post_init__(self):
+        if not 0 < self.cpl_lambda <= 1:
+            raise DpokitError(f"cpl_lambda must lie in (0, 1] (CPL's conservative bias on the rejected segment), "
+                              f"got {self.cpl_lambda}")
         if self.rpo_alpha is not None and self.rpo_alpha < 0:
             raise DpokitError(f"rpo_alpha must be >= 0, got {self.rpo_alpha}")
         for name in ("desirable_weight", "undesirable_weight"):
@@ -291,6 +295,34 @@ def orpo_loss(t: LossInputs, c: ObjectiveConfig) -> torch.Tensor:
     return _nll(t) - c.beta * F.logsigmoid(log_odds)
 
 
+@register("cpl", reference_free=True)
+def cpl_loss(t: LossInputs, c: ObjectiveConfig) -> torch.Tensor:
+    """CPL (Hejna et al. 2024, "Contrastive Preference Learning: Learning from Human Feedback without
+    RL", ICLR 2024: the CPL loss with the conservative bias of §3.2), reference-free: −log σ(α·(S_w − λ·S_l) − m), where
+    S = Σ_t log π(a_t|s_t) is a segment's summed log-likelihood, α = beta (the temperature) and
+    λ = cpl_lambda ∈ (0, 1], which scales only the rejected segment's score, as the authors' code
+    (`biased_bce_with_logits`: adv_w − bias·adv_l with adv = α·log π) does; λ = 1 is the unbiased loss.
+    CPL's BC regulariser (`bc_coeff`, on the preferred segments: `bc_data: pos`) is `rpo_alpha`: a
+    per-step NLL of the chosen segments. label_smoothing as in cDPO."""
+    z = c.beta * (t.policy_chosen - c.cpl_lambda * t.policy_rejected) - t.margin
+    return _smoothed(z, c.label_smoothing)
+
+
+@register("cpl_rank", reference_free=True, data=("pairs", "groups"))
+def cpl_rank_loss(t: LossInputs, c: ObjectiveConfig) -> torch.Tensor:
+    """CPL over a ranking (Hejna et al. 2024, which notes that CPL extends to rankings): the chosen segment
+    on top of K rejected ones under Plackett–Luce with the same bias, −log(exp(αS_w) / (exp(αS_w) +
+    Σ_j exp(αλS_j − m))) = −log σ(−log Σ_j exp(α(λS_j − S_w) + m)), a log-sum-exp over the K slots in
+    use (empty slots of smaller groups are masked out). With K = 1 it is `cpl`. (The authors' code for
+    scored segments, `biased_bce_with_scores`, averages the pairwise loss over every ordered pair
+    instead; this is the softmax form, as `sdpo` is for DPO.)"""
+    rejected = t.policy_rejected if t.policy_rejected.dim() == 2 else t.policy_rejected[:, None]
+    z = c.beta * (c.cpl_lambda * rejected - t.policy_chosen[:, None]) + t.margin[:, None]
+    if t.rejected_mask is not None:
+        z = z.masked_fill(~t.rejected_mask, -math.inf)  # empty slots of smaller groups
+    return -F.logsigmoid(-torch.logsumexp(z, dim=1))
+
+
 # ---------------------------------------------------------------- combining
 
 
@@ -308,8 +340,9 @@ def check_losses(loss_types: list[str], loss_weights: list[float] | None, label_
         raise DpokitError(f"exo_pair needs 0 < label_smoothing < 1 (the paper uses 1e-3), got {label_smoothing}")
     if not 0 <= label_smoothing <= 1:
         raise DpokitError(f"label_smoothing must lie in [0, 1], got {label_smoothing}")
-    if "sdpo" in loss_types and label_smoothing:
-        raise DpokitError(f"sdpo has no label smoothing; set label_smoothing: 0 (got {label_smoothing})")
+    for name in ("sdpo", "cpl_rank"):
+        if name in loss_types and label_smoothing:
+            raise DpokitError(f"{name} has no label smoothing; set label_smoothing: 0 (got {label_smoothing})")
 
 
 def check_likelihood(loss_types: list[str], family: str, likelihood: str) -> None:
