@@ -150,7 +150,7 @@ class Loop:
         set_seed(cfg.seed)  # the same on every rank: LoRA and any fresh weights start identical
         self.family = family or get_family(cfg.family)
         self.out = Path(cfg.output_dir)
-        check_likelihood(cfg.loss_types, self.family.name, self.family.likelihood)
+        check_likelihood(cfg.loss_types, self.family.name, self.family.likelihood_for(cfg))
         self.model, self.processor = self.family.load_policy(cfg)
         self.train_examples = self.family.examples(cfg.train_data, self.processor, cfg)
         if not len(self.train_examples):

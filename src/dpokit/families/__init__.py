@@ -5,8 +5,9 @@ from ..errors import DpokitError
 from .base import Example, Family, Scorer, Scores, data_kind
 from .causal_lm import CausalLMFamily
 from .diffusion import DiffusionFamily
+from .policy import PolicyFamily
 
-FAMILIES = {"causal_lm": CausalLMFamily, "diffusion": DiffusionFamily}
+FAMILIES = {"causal_lm": CausalLMFamily, "diffusion": DiffusionFamily, "policy": PolicyFamily}
 
 
 def register_family(family: type[Family]) -> type[Family]:

@@ -98,7 +98,8 @@ class Family:
     override. Attributes:
 
     - `name`: what `family:` in the config says.
-    - `likelihood`: a key of `LIKELIHOODS`.
+    - `likelihood`: a key of `LIKELIHOODS` (the loop reads it through `likelihood_for(cfg)`, which a family whose
+      models differ overrides).
     - `stochastic`: the score draws fresh noise per batch. The family draws it in `collate`, so that the
       policy and the reference score the same draw; the loop never caches reference scores for it.
     - `config_class`: a dataclass of the family's own config keys (flat in the YAML beside the shared ones;
@@ -150,6 +151,12 @@ class Family:
         raise NotImplementedError
 
     # ------------------------------------------------------------ defaults
+
+    def likelihood_for(self, cfg) -> str:
+        """What the score of the model `cfg` names is (a key of `LIKELIHOODS`), checked against the losses before
+        the model loads. Default: `likelihood`; a family whose models differ overrides it (the policy family: a
+        categorical head's score is "exact", a continuous head's a "density")."""
+        return self.likelihood
 
     def adapters_off(self, model: nn.Module) -> ContextManager:
         """Within this context `model` computes as its base weights (the reference of a LoRA run).

@@ -1,0 +1,187 @@
+"""Control policies (DPO on segments of robot or game trajectories): a policy π(a | s) that returns a torch
+distribution, scored on pairs of (observation, action) segments by Σ_t log π(a_t | s_t).
+
+- config.py: the family's own keys (`PolicyConfig`: the head and size of a fresh MLP, the spaces, env_id);
+- models.py: dpokit's MLP policy (gaussian, tanh-squashed gaussian or categorical head), its folder format
+  (config.json + model.safetensors), `Spec` (what data must fit);
+- sb3.py: a Stable-Baselines3 zip (PPO, A2C, SAC) as the starting or reference policy, and saved back as one;
+- data.py: segment pairs from JSON Lines or .npz, checked against the policy, padded and masked in batches;
+- scorer.py: the segment score.
+
+`likelihood` is per model: `likelihood_for(cfg)` says "exact" for a categorical head (a sum of log-probabilities,
+so SimPO and ORPO may use it) and "density" for continuous ones, which those losses refuse; the class attribute
+says "density", the conservative answer for a model not yet seen. gymnasium and stable-baselines3 are optional
+(`pip install dpokit[policy]`) and imported inside the functions that need them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ...errors import DpokitError
+from ..base import Family, digest
+from .config import PolicyConfig
+from .data import PolicyExample, collate, load_examples
+from .models import PolicyMLP, Spec, load_mlp, read_config, save_mlp, spec_of
+from .scorer import PolicyScorer
+
+
+class PolicyFamily(Family):
+    """`policy`: pass `policy=` a module of your own (forward(obs) → a torch distribution of batch shape [B]) to
+    train it through `dpokit.train.train(cfg, family=PolicyFamily(policy=module))`; its `likelihood` is "exact"
+    when its `spec` (or its `head` attribute) says categorical, else `likelihood` as given."""
+
+    name = "policy"
+    likelihood = "density"  # continuous heads; a categorical one is "exact" (likelihood_for)
+    config_class = PolicyConfig
+    capabilities = frozenset({"load_trained"})
+
+    def __init__(self, policy: nn.Module | None = None, likelihood: str | None = None):
+        self.policy = policy
+        if likelihood is not None:
+            self.likelihood = likelihood
+
+    # ------------------------------------------------------------ the model
+
+    def likelihood_for(self, cfg) -> str:
+        if self.policy is not None:
+            return "exact" if spec_of(self.policy).discrete else self.likelihood
+        return "exact" if self._head(cfg) == "categorical" else "density"
+
+    def _head(self, cfg) -> str | None:
+        """The head of the model `cfg` names, read without loading it (an SB3 zip's JSON, a folder's config)."""
+        from .sb3 import ZIP_NAME, is_discrete_zip
+
+        if not cfg.model:
+            return self.settings(cfg).policy_head
+        path = Path(cfg.model)
+        if path.suffix.lower() == ".zip" and path.is_file():
+            return "categorical" if is_discrete_zip(path) else None
+        if path.is_dir():
+            config = read_config(path)
+            if config["format"] == "sb3":
+                return "categorical" if is_discrete_zip(path / ZIP_NAME) else None
+            return config.get("head")
+        return None  # a missing path: load_policy says so
+
+    def _load(self, path: str, cfg) -> nn.Module:
+        from .sb3 import ZIP_NAME, load_sb3
+
+        p = Path(path)
+        algo = self.settings(cfg).sb3_algo if cfg is not None else None
+        if p.suffix.lower() == ".zip":
+            return load_sb3(p, algo)
+        if not p.exists():
+            raise DpokitError(f"{path}: no such file or folder (model: a policy folder dpokit saved or an SB3 .zip)")
+        config = read_config(p)
+        if config["format"] == "sb3":
+            return load_sb3(p / config.get("zip", ZIP_NAME), config.get("algo"))
+        if config["format"] == "module":
+            raise DpokitError(f"{path}: holds the weights of a module of your own (model.safetensors); build the "
+                              "module, load them into it and pass it as PolicyFamily(policy=module)")
+        return load_mlp(p)
+
+    def _fresh(self, cfg) -> PolicyMLP:
+        s = self.settings(cfg)
+        obs_dim, act_dim = s.obs_dim, s.act_dim
+        if (obs_dim is None or act_dim is None) and s.env_id:
+            env_obs, env_act = env_dims(s.env_id, s.policy_head)
+            obs_dim, act_dim = obs_dim or env_obs, act_dim or env_act
+        if obs_dim is None or act_dim is None:
+            raise DpokitError("a fresh policy needs obs_dim and act_dim (or env_id to read them from, or model: a "
+                              "saved policy folder or an SB3 .zip)")
+        with torch.random.fork_rng(devices=[]):  # the start is a function of the config: eval rebuilds it
+            torch.manual_seed(cfg.seed)
+            return PolicyMLP(obs_dim, act_dim, s.policy_head, s.policy_hidden, s.action_low, s.action_high)
+
+    def load_policy(self, cfg):
+        if cfg.lora is not None:
+            raise DpokitError("the policy family does not take lora (its policies are small): remove 'lora'")
+        model = self.policy if self.policy is not None else (self._load(cfg.model, cfg) if cfg.model
+                                                             else self._fresh(cfg))
+        return model, spec_of(model)
+
+    def load_model(self, path, cfg):
+        """A frozen policy from `path`; no path (a run that started from a fresh MLP, as `dpokit eval` asks for its
+        reference): that fresh MLP again, which the run's seed determines."""
+        model = self._load(path, cfg) if path else self._fresh(cfg)
+        return model.requires_grad_(False).eval()
+
+    def load_processor(self, path, cfg):
+        return spec_of(self._load(path, cfg))
+
+    def load_trained(self, path, cfg=None):
+        model = self.load_model(path, cfg)
+        return model, spec_of(model)
+
+    def save(self, model, spec, path, merge_lora=False):
+        """dpokit's MLP: its folder. An SB3 policy: policy.zip (loads with PPO.load / SAC.load) beside
+        model.safetensors of its weights and a config.json naming them. A module of your own: its weights."""
+        import json
+
+        from safetensors.torch import save_file
+
+        from .sb3 import ZIP_NAME, SB3Policy, save_sb3
+
+        if isinstance(model, PolicyMLP):
+            return save_mlp(model, path)
+        out = Path(path)
+        out.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+                  str(out / "model.safetensors"))
+        spec = spec_of(model)
+        about = {"head": spec.head, "obs_dim": spec.obs_dim, "act_dim": spec.act_dim}
+        if isinstance(model, SB3Policy):
+            save_sb3(model, out)
+            about = {"format": "sb3", "algo": model.algo, "zip": ZIP_NAME, **about}
+        else:
+            about = {"format": "module", "class": type(model).__qualname__, **about}
+        (out / "config.json").write_text(json.dumps(about, indent=2) + "\n")
+
+    # ------------------------------------------------------------ data
+
+    def examples(self, source, spec, cfg):
+        return load_examples(source, spec if isinstance(spec, Spec) else Spec(None, None, None))
+
+    def collate(self, examples, cfg, spec):
+        return collate(examples)
+
+    def scorer(self, model, cfg):
+        return PolicyScorer(model)
+
+    def fingerprint(self, examples):
+        """Every segment's observations and actions, with their shapes."""
+        parts = []
+        for ex in examples:
+            for t in (ex.chosen_obs, ex.chosen_actions, ex.rejected_obs, ex.rejected_actions):
+                parts += [str(tuple(t.shape)).encode(), t.numpy().tobytes()]
+        return digest(*parts)
+
+
+def env_dims(env_id: str, head: str) -> tuple[int, int]:
+    """(obs_dim, act_dim) of a gymnasium environment's spaces."""
+    try:
+        import gymnasium as gym
+    except ImportError:
+        raise DpokitError("env_id needs gymnasium: pip install 'dpokit[policy]'") from None
+    try:
+        env = gym.make(env_id)
+    except Exception as e:  # noqa: BLE001 - an unknown id or a missing simulator
+        raise DpokitError(f"env_id {env_id!r}: cannot make the environment ({str(e).splitlines()[0]})") from None
+    obs, act = env.observation_space, env.action_space
+    env.close()
+    if len(getattr(obs, "shape", None) or ()) != 1:
+        raise DpokitError(f"env_id {env_id!r}: observations {obs} are not a flat vector")
+    if head == "categorical":
+        if not hasattr(act, "n"):
+            raise DpokitError(f"env_id {env_id!r}: a categorical head needs Discrete actions, the env has {act}")
+        return int(obs.shape[0]), int(act.n)
+    if hasattr(act, "n") or len(getattr(act, "shape", None) or ()) != 1:
+        raise DpokitError(f"env_id {env_id!r}: a {head} head needs flat Box actions, the env has {act}")
+    return int(obs.shape[0]), int(act.shape[0])
+
+
+__all__ = ["PolicyConfig", "PolicyExample", "PolicyFamily", "PolicyMLP", "PolicyScorer", "Spec"]
