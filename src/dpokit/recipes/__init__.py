@@ -5,6 +5,8 @@
 - rankings:  ranked replies → all pairs, adjacent pairs, or S-DPO groups
 - injection: (instruction, input, output) rows → SecAlign prompt-injection pairs; attack success rate
 - hierarchy: instruction-hierarchy pairs → GW-DPO margins
+- rollouts:  a policy rolled out in a gymnasium environment → trajectory-segment pairs (smoothness, return,
+             or a function), as JSONL or .npz, for the policy family
 - validate:  every problem the loader would raise, plus counts, lengths and duplicates
 
 Each recipe reads any file the loader reads and writes JSON Lines rows with `prompt`,
@@ -17,8 +19,9 @@ from .hierarchy import hierarchy_margins
 from .injection import attack_success_rate, eval_items, hf_generator, injection_pairs
 from .ratings import ratings_to_pairs
 from .rankings import rankings_to_pairs
+from .rollouts import rollout_pairs
 from .validate import Report, validate
 from .votes import votes_to_pairs
 
 __all__ = ["votes_to_pairs", "ratings_to_pairs", "rankings_to_pairs", "injection_pairs", "eval_items",
-           "attack_success_rate", "hf_generator", "hierarchy_margins", "validate", "Report"]
+           "attack_success_rate", "hf_generator", "hierarchy_margins", "rollout_pairs", "validate", "Report"]

@@ -2,6 +2,7 @@
 
     dpokit data build votes|ratings|rankings|injection|hierarchy IN OUT [options]
     dpokit data build judge PROMPTS OUT --model M --judge SPEC [--k 4] [--min-gap G]
+    dpokit data build rollouts ENV_ID OUT.jsonl|OUT.npz [--policy P] [--label smoothness|return|mod:fn]
     dpokit data validate FILE [--model M] [--max-length N] [--max-prompt-length N] [--json]
     dpokit data asr MODEL EVAL_FILE [--max-new-tokens N] [--match contains|startswith]
 
@@ -14,9 +15,9 @@ import argparse
 import json
 
 from ..errors import DpokitError
-from . import hierarchy, injection, judge, ratings, rankings, votes
+from . import hierarchy, injection, judge, ratings, rankings, rollouts, votes
 
-RECIPES = {m.NAME: m for m in (votes, ratings, rankings, injection, hierarchy, judge)}
+RECIPES = {m.NAME: m for m in (votes, ratings, rankings, injection, hierarchy, judge, rollouts)}
 
 
 def register(subparsers) -> None:
@@ -28,8 +29,9 @@ def register(subparsers) -> None:
     for name, module in RECIPES.items():
         p = recipes.add_parser(name, help=module.HELP, description=module.__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
-        p.add_argument("input", help="JSONL, JSON, Parquet, CSV or a saved datasets folder")
-        p.add_argument("output", help="the JSONL file to write")
+        # A recipe may read something other than rows (INPUT_HELP) and write its own format (`write`).
+        p.add_argument("input", help=getattr(module, "INPUT_HELP", "JSONL, JSON, Parquet, CSV or a saved datasets folder"))
+        p.add_argument("output", help=getattr(module, "OUTPUT_HELP", "the JSONL file to write"))
         module.add_arguments(p)
         p.set_defaults(data_run=_build)
     p = sub.add_parser("validate", help="counts, lengths, duplicates and every row problem the loader would raise")
@@ -55,8 +57,9 @@ def run(args) -> None:
 def _build(args) -> None:
     from .common import write_jsonl
 
-    built = RECIPES[args.recipe].build(args)
-    n = write_jsonl(built.rows, args.output, args.input)
+    recipe = RECIPES[args.recipe]
+    built = recipe.build(args)
+    n = recipe.write(built, args.output) if hasattr(recipe, "write") else write_jsonl(built.rows, args.output, args.input)
     print(f"wrote {n} rows to {args.output} ({built.summary()})")
 
 
