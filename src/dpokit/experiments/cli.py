@@ -5,6 +5,7 @@
     dpokit experiment hierarchy [--prompt-format text|delimiters|ise] [--out DIR] [--docs DIR] [--seed N] [--quick]
     dpokit experiment diffusion [--out DIR] [--docs DIR] [--seed N] [--quick]
     dpokit experiment onestep [--base DIR] [--out DIR] [--docs DIR] [--seed N] [--quick]
+    dpokit experiment policy [--out DIR] [--docs DIR] [--seed N] [--quick]
 
 Another experiment's flag is refused while the command line is parsed, before anything runs, in one line that
 names the experiment it belongs to. An experiment's module is imported only when it runs.
@@ -130,8 +131,25 @@ def _run_onestep(args) -> None:
                 + (f" --lr {args.lr:g}" if args.lr is not None else "") + (" --quick" if args.quick else ""))
 
 
+def add_policy(experiments) -> tuple[argparse.ArgumentParser, list[argparse.Action]]:
+    p = _experiment_parser(experiments, "policy", "DPO, CPL and preferred-FT for smoother reaching on Reacher-v5: a "
+                           "BC policy of a jerky scripted arm, pairs of its own segments labelled by smoothness",
+                           out="the policies, pairs, policy-reacher.png and policy.json",
+                           docs="its section and picture")
+    p.set_defaults(experiment_run=_run_policy)
+    return p, []
+
+
+def _run_policy(args) -> None:
+    from . import policy
+
+    policy.run(args.out, size=policy.QUICK if args.quick else policy.FULL, seed=args.seed, docs_dir=args.docs,
+               command="dpokit experiment policy" + (" --quick" if args.quick else ""))
+
+
 EXPERIMENTS = {"frontier": add_frontier, "secalign": add_secalign, "hierarchy": add_hierarchy,
-               "diffusion": add_diffusion, "onestep": add_onestep}
+               "diffusion": add_diffusion, "onestep": add_onestep,
+               "policy": add_policy}
 
 
 class _BelongsElsewhere(argparse.Action):

@@ -113,6 +113,12 @@ class PolicyFamily(Family):
     def load_processor(self, path, cfg):
         return spec_of(self._load(path, cfg))
 
+    def new_policy(self, obs_dim: int, act_dim: int, head: str = "gaussian", hidden=(64, 64),
+                   action_low: float = -1.0, action_high: float = 1.0) -> PolicyMLP:
+        """A fresh dpokit MLP policy (save it with `save`), for code that trains it first, e.g. by behaviour
+        cloning, without importing the family's modules."""
+        return PolicyMLP(obs_dim, act_dim, head, tuple(hidden), action_low, action_high)
+
     def load_trained(self, path, cfg=None):
         model = self.load_model(path, cfg)
         return model, spec_of(model)
