@@ -136,15 +136,22 @@ def add_policy(experiments) -> tuple[argparse.ArgumentParser, list[argparse.Acti
                            "BC policy of a jerky scripted arm, pairs of its own segments labelled by smoothness",
                            out="the policies, pairs, policy-reacher.png and policy.json",
                            docs="its section and picture")
+    explore = p.add_argument("--pair-exploration", type=float, metavar="SIGMA",
+                             help="pair segments from the policy's deterministic action plus N(0, SIGMA^2) noise "
+                                  "instead of its own samples (the first run's fix; default: its samples)")
     p.set_defaults(experiment_run=_run_policy)
-    return p, []
+    return p, [explore]
 
 
 def _run_policy(args) -> None:
     from . import policy
 
-    policy.run(args.out, size=policy.QUICK if args.quick else policy.FULL, seed=args.seed, docs_dir=args.docs,
-               command="dpokit experiment policy" + (" --quick" if args.quick else ""))
+    size = dict(policy.QUICK if args.quick else policy.FULL)
+    if args.pair_exploration is not None:
+        size["pair_exploration"] = args.pair_exploration
+    policy.run(args.out, size=size, seed=args.seed, docs_dir=args.docs,
+               command="dpokit experiment policy" + (" --quick" if args.quick else "")
+               + (f" --pair-exploration {args.pair_exploration:g}" if args.pair_exploration is not None else ""))
 
 
 EXPERIMENTS = {"frontier": add_frontier, "secalign": add_secalign, "hierarchy": add_hierarchy,

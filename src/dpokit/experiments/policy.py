@@ -35,9 +35,10 @@ from . import reacher as R
 
 NAME = "policy"
 FULL = dict(demo_episodes=200, bc_steps=3000, bc_batch=256, bc_lr=1e-3, pair_steps=20_000, segment_length=10,
-            eval_episodes=200, epochs=5, batch_size=64, learning_rate=1e-4, beta=0.1, cpl_lambda=0.5)
-# The demo is the whole protocol: it runs in about a minute on 2 cores (see the docs' Results for the time).
-DEMO = dict(FULL)
+            eval_episodes=200, epochs=5, batch_size=64, learning_rate=1e-4, beta=0.1, cpl_lambda=0.5,
+            pair_exploration=None)  # None: pairs from the policy's own samples (the protocol); σ: see exploring_actor
+# The demo is the whole experiment (about 15 s on 2 cores).
+DEMO = dict(FULL, pair_exploration=0.1)  # at the first run's fix (docs/experiments.md)
 QUICK = dict(FULL, demo_episodes=20, bc_steps=100, pair_steps=800, eval_episodes=10, epochs=1)
 GOAL = {"jerk_ratio": 0.5, "success_drop": 0.02, "bc_success_min": 0.30}
 METHODS = (("bc", "BC (unaligned)"), ("sft", "preferred-FT"), ("dpo", "DPO"), ("cpl", "CPL"))
@@ -95,6 +96,21 @@ def evaluate(path: str, episodes: int, seed: int) -> tuple[dict, dict]:
     return R.measures(ep), ep
 
 
+def exploring_actor(policy: torch.nn.Module, sigma: float, seed: int):
+    """The first run's diagnosis' fix (docs/experiments.md): pair segments from the policy's deterministic action
+    plus Gaussian exploration noise of std `sigma` in action space (kept strictly inside the tanh bounds, where the
+    squashed log-density is finite), so that a segment's jerk reflects the motion the policy is evaluated on
+    rather than its own sampling noise (the BC policy's pre-tanh std, about 0.44, makes sampled segments 5x as
+    jerky as deterministic ones)."""
+    act = R.policy_actor(policy, deterministic=True)
+    rng = np.random.default_rng(seed)
+
+    def explore(obs: np.ndarray) -> np.ndarray:
+        a = act(obs)
+        return np.clip(a + sigma * rng.standard_normal(a.shape), -1 + R.BC_CLIP, 1 - R.BC_CLIP)
+    return explore
+
+
 def verdict(bc: dict, method: dict) -> dict:
     """The decision rule applied to one method's figures against the BC policy's."""
     checks = {"bc_success_at_least_30pct": bc["success_rate"] >= GOAL["bc_success_min"],
@@ -121,6 +137,8 @@ def run(out_dir: str | Path = "runs/policy", size: dict | None = None, seed: int
     _say(t0, f"BC: {size['bc_steps']} steps, NLL {bc_losses[0]:.3f} -> {bc_losses[-1]:.3f}")
 
     policy, _ = get_family("policy").load_trained(bc_dir)
+    if size.get("pair_exploration") is not None:
+        policy = exploring_actor(policy, size["pair_exploration"], pair_seed)
     built = rollout_pairs(R.ENV_ID, policy, steps=size["pair_steps"], num_envs=PAIR_ENVS,
                           segment_length=size["segment_length"], label="smoothness", seed=pair_seed)
     data = out / "pairs.npz"
@@ -310,7 +328,8 @@ def markdown_section(results: dict) -> str:
 
 Rerun: `{results['command']}` ({results['minutes']} min on this machine). Sizes: {s['demo_episodes']} demonstration
 episodes; BC {s['bc_steps']} steps at batch {s['bc_batch']}; {p['pairs']} pairs from {s['pair_steps']:,} BC rollout steps
-in segments of {s['segment_length']} (mean segment jerk chosen {p['chosen_jerk']:.3g}, rejected
+in segments of {s['segment_length']}, {'the policy' + chr(39) + 's own samples' if s.get('pair_exploration') is None
+else f"deterministic actions plus N(0, {s['pair_exploration']:g}²) exploration"} (mean segment jerk chosen {p['chosen_jerk']:.3g}, rejected
 {p['rejected_jerk']:.3g}); {s['epochs']} epochs at batch {s['batch_size']}, learning rate {s['learning_rate']:g}
 (constant), β = {s['beta']:g}, CPL λ = {s['cpl_lambda']:g}; {s['eval_episodes']} evaluation episodes per policy.
 The RLHF arm (reward model + PPO) is not run yet.
