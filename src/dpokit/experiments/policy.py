@@ -297,6 +297,11 @@ protocol at demo size). The protocol and the decision rule below were committed 
   summed over a segment) fitted to the pairs, then stable-baselines3 PPO from a BC-initialised SB3 policy on that
   reward plus a BC anchor (+0.1·log π_BC(a|s) per step); the same three measures, and the CPU seconds each pipeline
   took (reward model + PPO against DPO's training), measured with `time.process_time` in the same run.
+  Budgets (fixed after the DPO arm's runs, before the RLHF arm's first run): the reward model an MLP 64-64 (tanh) on
+  the concatenated observation and action, 2,000 Adam steps at batch 128, learning rate 1e-3; the SB3 policy the
+  same MLP shape with SB3's state-independent Gaussian, behaviour-cloned on the demonstrations like the BC policy;
+  PPO 50,000 environment steps on 8 environments (n_steps 256, batch 64, 10 epochs, learning rate 3e-4, SB3's
+  other defaults), the learned reward per step plus 0.1·log π_BC(a|s) of the frozen BC-initialised SB3 policy.
 """
 
 
