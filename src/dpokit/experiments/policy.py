@@ -36,12 +36,33 @@ from . import reacher as R
 NAME = "policy"
 FULL = dict(demo_episodes=200, bc_steps=3000, bc_batch=256, bc_lr=1e-3, pair_steps=20_000, segment_length=10,
             eval_episodes=200, epochs=5, batch_size=64, learning_rate=1e-4, beta=0.1, cpl_lambda=0.5,
-            pair_exploration=None)  # None: pairs from the policy's own samples (the protocol); σ: see exploring_actor
+            pair_exploration=None,  # None: pairs from the policy's own samples (the protocol); σ: see exploring_actor
+            rlhf=True, rm_steps=2000, ppo_steps=50_000, rlhf_anchor=0.1)  # the RLHF arm (rlhf.py)
 # The demo is the whole experiment (about 15 s on 2 cores).
 DEMO = dict(FULL, pair_exploration=0.1)  # at the first run's fix (docs/experiments.md)
-QUICK = dict(FULL, demo_episodes=20, bc_steps=100, pair_steps=800, eval_episodes=10, epochs=1)
+QUICK = dict(FULL, demo_episodes=20, bc_steps=100, pair_steps=800, eval_episodes=10, epochs=1, rm_steps=20,
+             ppo_steps=2048)
 GOAL = {"jerk_ratio": 0.5, "success_drop": 0.02, "bc_success_min": 0.30}
 METHODS = (("bc", "BC (unaligned)"), ("sft", "preferred-FT"), ("dpo", "DPO"), ("cpl", "CPL"))
+RLHF = ("rlhf", "RLHF (reward model + PPO)")
+
+
+def _rlhf_line(results: dict) -> str:
+    """The RLHF arm's sizes and the compute each pipeline took (CPU seconds, this process)."""
+    if "rlhf" not in results:
+        return "The RLHF arm (reward model + PPO) is not run yet."
+    r, s, cpu = results["rlhf"], results["size"], results["train_cpu_seconds"]
+    c = r["cpu_seconds"]
+    rlhf = c["reward_model"] + c["ppo"]
+    return (f"RLHF arm: reward model {s['rm_steps']} steps (accuracy on its pairs {r['reward_model_accuracy']:.3f}), "
+            f"SB3 policy behaviour-cloned (jerk {r['sb3_bc']['jerk']:.3e}, success {r['sb3_bc']['success_rate']:.1%} "
+            f"before PPO), PPO {s['ppo_steps']:,} steps. CPU seconds to align from the BC policy: DPO {cpu['dpo']}, "
+            f"CPL {cpu['cpl']}, RLHF {rlhf:.1f} (reward model {c['reward_model']} + PPO {c['ppo']}): RLHF took "
+            f"{rlhf / max(cpu['dpo'], 1e-9):.0f}× DPO's.")
+
+
+def _rows(results: dict) -> tuple:
+    return (*METHODS, RLHF) if "rlhf" in results else METHODS
 READING = "<!-- policy:reading -->"  # docs text after this marker is hand-written and survives a rerun
 # Seeds of the episodes' starts: demonstrations, pair rollouts and evaluation never share one (env i of a batch
 # reset with seed s starts from seed s + i; the pair rollout's later episodes draw from its environments' streams).
@@ -166,7 +187,14 @@ def run(out_dir: str | Path = "runs/policy", size: dict | None = None, seed: int
         results[key], ep = evaluate(path, size["eval_episodes"], eval_seed)
         traces[key] = {"qpos": ep["qpos"][0], "actions": ep["actions"][0]}
         _say(t0, f"{key}: " + ", ".join(f"{k} {v:.4g}" for k, v in results[key].items()))
-    results["verdict"] = {key: verdict(results["bc"], results[key]) for key in ("dpo", "cpl", "sft")}
+    if size.get("rlhf"):
+        from .rlhf import run_rlhf
+
+        _say(t0, "RLHF arm: reward model, then PPO")
+        with np.load(data) as arrays:
+            results["rlhf"] = run_rlhf(dict(arrays), demos, size, seed, eval_seed, say=lambda m: _say(t0, m))
+    results["verdict"] = {key: verdict(results["bc"], results[key]) for key in ("dpo", "cpl", "sft", "rlhf")
+                          if key in results}
     results["minutes"] = round((time.time() - t0) / 60, 1)
     results["cpu_minutes"] = round((time.process_time() - cpu0) / 60, 1)
     frames = _frames({k: models[k] for k in ("bc", "dpo", "cpl")}, eval_seed)
@@ -254,11 +282,13 @@ def _picture(traces: dict, frames: dict | None, path: Path) -> None:
 def format_table(results: dict) -> str:
     lines = [f"{'policy':<16}{'jerk':>12}{'vs BC':>8}{'success':>9}{'return':>9}{'distance':>10}"]
     bc = results["bc"]
-    for key, label in (("demonstrator", "demonstrator"), *METHODS):
+    for key, label in (("demonstrator", "demonstrator"), *_rows(results)):
         r = results[key]
-        lines.append(f"{label:<16}{r['jerk']:>12.3e}{r['jerk'] / bc['jerk']:>7.2f}×{r['success_rate']:>9.1%}"
+        lines.append(f"{label[:15]:<16}{r['jerk']:>12.3e}{r['jerk'] / bc['jerk']:>7.2f}×{r['success_rate']:>9.1%}"
                      f"{r['return']:>9.2f}{r['final_distance']:>10.4f}")
-    for key in ("dpo", "cpl"):
+    for key in ("dpo", "cpl", "rlhf"):
+        if key not in results:
+            continue
         v = results["verdict"][key]
         lines.append(f"{key.upper()}: " + ("goal met" if v["met"] else
                                           "goal missed: " + ", ".join(k for k, ok in v.items() if not ok and k != "met")))
@@ -310,12 +340,14 @@ def markdown_section(results: dict) -> str:
     table = ["| policy | jerk (rad/step³) | jerk vs BC | success rate | return | final distance (m) |",
              "|---|---:|---:|---:|---:|---:|"]
     bc = results["bc"]
-    for key, label in (("demonstrator", "demonstrator (with its noise)"), *METHODS):
+    for key, label in (("demonstrator", "demonstrator (with its noise)"), *_rows(results)):
         r = results[key]
         table.append(f"| {label} | {r['jerk']:.3e} | {r['jerk'] / bc['jerk']:.2f}× | {r['success_rate']:.1%} | "
                      f"{r['return']:.2f} | {r['final_distance']:.4f} |")
     verdicts = []
-    for key in ("dpo", "cpl"):
+    for key in ("dpo", "cpl", "rlhf"):
+        if key not in results:
+            continue
         r, v = results[key], results["verdict"][key]
         verdicts.append(f"{key.upper()}: jerk {r['jerk'] / bc['jerk']:.2f}× BC's (goal ≤ {GOAL['jerk_ratio']:g}×), "
                         f"success {r['success_rate']:.1%} against BC's {bc['success_rate']:.1%} (goal ≥ BC's − 2 "
@@ -337,7 +369,7 @@ in segments of {s['segment_length']}, {'the policy' + chr(39) + 's own samples' 
 else f"deterministic actions plus N(0, {s['pair_exploration']:g}²) exploration"} (mean segment jerk chosen {p['chosen_jerk']:.3g}, rejected
 {p['rejected_jerk']:.3g}); {s['epochs']} epochs at batch {s['batch_size']}, learning rate {s['learning_rate']:g}
 (constant), β = {s['beta']:g}, CPL λ = {s['cpl_lambda']:g}; {s['eval_episodes']} evaluation episodes per policy.
-The RLHF arm (reward model + PPO) is not run yet.
+{_rlhf_line(results)}
 
 {chr(10).join(table)}
 
