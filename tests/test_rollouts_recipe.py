@@ -187,6 +187,24 @@ def test_policy_modules_and_scripted_callables():
         rollout_segments("Pendulum-v1", lambda obs: np.zeros((2, 3)), steps=10, num_envs=2, segment_length=5)
 
 
+def test_a_saved_policy_folder_rolls_out_with_its_deterministic_action(tmp_path):
+    """A dpokit policy folder given by path is loaded through the policy family and acts as the saved policy."""
+    import torch
+
+    from dpokit.families import get_family
+
+    family = get_family("policy")
+    torch.manual_seed(0)
+    saved = family.new_policy(3, 1, head="tanh_gaussian", hidden=(8,))
+    family.save(saved, None, str(tmp_path / "pol"))
+    segs, _ = rollout_segments("Pendulum-v1", str(tmp_path / "pol"), steps=20, num_envs=2, segment_length=5,
+                               deterministic=True)
+    with torch.no_grad():
+        for s in segs:
+            want = saved(torch.as_tensor(s["obs"], dtype=torch.float32)).mode.numpy()
+            assert np.allclose(s["actions"], want, atol=1e-6)
+
+
 # ---------------------------------------------------------------- outputs and the command line
 
 

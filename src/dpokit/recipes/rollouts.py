@@ -148,7 +148,7 @@ def load_policy(policy: Any, vec, deterministic: bool = False) -> Callable[[np.n
         if Path(policy).exists():
             from ..families import get_family
 
-            policy = get_family("policy").load_trained(policy)
+            policy, _ = get_family("policy").load_trained(policy)  # (the policy module, its spec)
         elif ":" in policy:
             policy = import_function(policy, "policy function")
         else:
