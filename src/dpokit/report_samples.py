@@ -8,7 +8,8 @@ A folder of samples holds `<prompt>-<sample>.png`, `grid.png` (rows = prompts, c
 
 A family opts in to grids after training by offering the `sample` and `load_trained` capabilities and naming
 `sample_prompts` (and `sample_num`, samples per prompt) among its own config keys; nothing else here is
-family-specific.
+family-specific. A family whose runs may start without a `model` (a fresh model built from the config) says so
+with the contract's `rebuilds_base`: its `load_trained(None, cfg)` is that starting model.
 """
 
 from __future__ import annotations
@@ -44,9 +45,9 @@ def sample_run(run: str | Path, cfg, prompts: Sequence, out: str | Path, *, base
     family = get_family(cfg.family)
     family.require("sample", needed_by)
     family.require("load_trained", needed_by)
-    if base and not cfg.model:
+    if base and not cfg.model and not family.rebuilds_base:
         raise DpokitError(f"{run}/config.yaml names no starting model ('model') to sample as the base")
-    model, processor = family.load_trained(cfg.model if base else str(run), cfg)
+    model, processor = family.load_trained((cfg.model or None) if base else str(run), cfg)
     model.to("cuda" if torch.cuda.is_available() else "cpu")
     images = family.sample(model, processor, list(prompts), num_generations=num, seed=seed,
                            **{k: v for k, v in settings.items() if v is not None})

@@ -105,6 +105,8 @@ class Family:
     - `config_class`: a dataclass of the family's own config keys (flat in the YAML beside the shared ones;
       an unknown key is one line, exit 2), read back with `family.settings(cfg)`; None when it has none.
     - `capabilities`: which of `CAPABILITIES` it offers.
+    - `rebuilds_base`: a run may start without a `model` (a fresh model built from the config, seeded), and
+      `load_trained(None, cfg)` rebuilds that start (so `dpokit sample --base` and the base grids work).
     """
 
     name: str = ""
@@ -112,6 +114,7 @@ class Family:
     stochastic: bool = False
     config_class: type | None = None
     capabilities: frozenset[str] = frozenset()
+    rebuilds_base: bool = False
 
     # ------------------------------------------------------------ required
 

@@ -6,7 +6,9 @@ distribution, scored on pairs of (observation, action) segments by Σ_t log π(a
   (config.json + model.safetensors), `Spec` (what data must fit);
 - sb3.py: a Stable-Baselines3 zip (PPO, A2C, SAC) as the starting or reference policy, and saved back as one;
 - data.py: segment pairs from JSON Lines or .npz, checked against the policy, padded and masked in batches;
-- scorer.py: the segment score.
+- scorer.py: the segment score;
+- sampling.py: rollouts in `env_id` from reset seeds, as rendered frames (or plots where nothing renders): the
+  `sample` capability, so `sample_prompts` puts before/after rollouts in report.html (report_samples).
 
 `likelihood` is per model: `likelihood_for(cfg)` says "exact" for a categorical head (a sum of log-probabilities,
 so SimPO and ORPO may use it) and "density" for continuous ones, which those losses refuse; the class attribute
@@ -37,7 +39,8 @@ class PolicyFamily(Family):
     name = "policy"
     likelihood = "density"  # continuous heads; a categorical one is "exact" (likelihood_for)
     config_class = PolicyConfig
-    capabilities = frozenset({"load_trained"})
+    capabilities = frozenset({"sample", "load_trained"})
+    rebuilds_base = True  # no `model`: load_trained(None, cfg) is the fresh MLP the run started from
 
     def __init__(self, policy: nn.Module | None = None, likelihood: str | None = None):
         self.policy = policy
@@ -102,7 +105,20 @@ class PolicyFamily(Family):
             raise DpokitError("the policy family does not take lora (its policies are small): remove 'lora'")
         model = self.policy if self.policy is not None else (self._load(cfg.model, cfg) if cfg.model
                                                              else self._fresh(cfg))
+        self._check_sample_prompts(spec_of(model), cfg)
         return model, spec_of(model)
+
+    def _check_sample_prompts(self, spec: Spec, cfg) -> None:
+        """`sample_prompts` with an env_id that cannot be made or does not fit the policy fail here, before
+        training, rather than when the report's rollouts are drawn after it."""
+        from .sampling import check_env
+
+        s = self.settings(cfg)
+        if s.sample_prompts is not None:
+            try:
+                check_env(spec, s.env_id)
+            except DpokitError as e:
+                raise DpokitError(f"sample_prompts: {e}") from None
 
     def load_model(self, path, cfg):
         """A frozen policy from `path`; no path (a run that started from a fresh MLP, as `dpokit eval` asks for its
@@ -120,8 +136,19 @@ class PolicyFamily(Family):
         return PolicyMLP(obs_dim, act_dim, head, tuple(hidden), action_low, action_high)
 
     def load_trained(self, path, cfg=None):
+        """The policy at `path` (None: the fresh MLP a run without `model` started from), frozen, and its `Spec`,
+        which carries the config's env_id for `sample`."""
+        from dataclasses import replace
+
         model = self.load_model(path, cfg)
-        return model, spec_of(model)
+        env_id = self.settings(cfg).env_id if cfg is not None else None
+        return model, replace(spec_of(model), env_id=env_id)
+
+    def sample(self, model, spec, prompts, **settings):
+        """Rollout pictures per prompt (an episode's reset seed): see sampling.sample."""
+        from .sampling import sample
+
+        return sample(model, spec, prompts, **settings)
 
     def save(self, model, spec, path, merge_lora=False):
         """dpokit's MLP: its folder. An SB3 policy: policy.zip (loads with PPO.load / SAC.load) beside
@@ -169,25 +196,13 @@ class PolicyFamily(Family):
 
 def env_dims(env_id: str, head: str) -> tuple[int, int]:
     """(obs_dim, act_dim) of a gymnasium environment's spaces."""
+    from .sampling import make_env, space_dims
+
+    env = make_env(env_id)
     try:
-        import gymnasium as gym
-    except ImportError:
-        raise DpokitError("env_id needs gymnasium: pip install 'dpokit[policy]'") from None
-    try:
-        env = gym.make(env_id)
-    except Exception as e:  # noqa: BLE001 - an unknown id or a missing simulator
-        raise DpokitError(f"env_id {env_id!r}: cannot make the environment ({str(e).splitlines()[0]})") from None
-    obs, act = env.observation_space, env.action_space
-    env.close()
-    if len(getattr(obs, "shape", None) or ()) != 1:
-        raise DpokitError(f"env_id {env_id!r}: observations {obs} are not a flat vector")
-    if head == "categorical":
-        if not hasattr(act, "n"):
-            raise DpokitError(f"env_id {env_id!r}: a categorical head needs Discrete actions, the env has {act}")
-        return int(obs.shape[0]), int(act.n)
-    if hasattr(act, "n") or len(getattr(act, "shape", None) or ()) != 1:
-        raise DpokitError(f"env_id {env_id!r}: a {head} head needs flat Box actions, the env has {act}")
-    return int(obs.shape[0]), int(act.shape[0])
+        return space_dims(env, env_id, head)
+    finally:
+        env.close()
 
 
 __all__ = ["PolicyConfig", "PolicyExample", "PolicyFamily", "PolicyMLP", "PolicyScorer", "Spec"]

@@ -62,6 +62,7 @@ class Spec:
     act_dim: int | None
     low: tuple[float, ...] | None = None  # per action dimension; None: unbounded
     high: tuple[float, ...] | None = None
+    env_id: str | None = None  # the environment `sample` rolls out in (load_trained reads it off the run's config)
 
     @property
     def discrete(self) -> bool:
