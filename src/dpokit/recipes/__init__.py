@@ -7,6 +7,7 @@
 - hierarchy: instruction-hierarchy pairs → GW-DPO margins
 - rollouts:  a policy rolled out in a gymnasium environment → trajectory-segment pairs (smoothness, return,
              or a function), as JSONL or .npz, for the policy family
+- minari:    a local Minari offline-RL dataset (never downloaded) → trajectory-segment pairs, as rollouts
 - validate:  every problem the loader would raise, plus counts, lengths and duplicates
 
 Each recipe reads any file the loader reads and writes JSON Lines rows with `prompt`,

@@ -47,7 +47,6 @@ Output, by the suffix of OUT (written atomically):
 
 from __future__ import annotations
 
-import importlib
 import math
 import time
 from collections import Counter
@@ -58,24 +57,22 @@ from typing import Any, Callable
 import numpy as np
 
 from ..errors import DpokitError
-from ..io import atomic_write
-from .common import Built
+# the segment, pair, label and writing machinery is shared with the minari recipe; re-exported from here
+from .segment_pairs import (LABELS, OUTPUT_HELP, SUFFIXES, SegmentPairs, add_pair_arguments, check_output,  # noqa: F401
+                            import_function, jerk, label_argument, label_pairs, load_labeller, make_segment,
+                            min_smoothness_length, pair_indices, require_preferences, write)
 
 NAME = "rollouts"
 HELP = "roll a policy out in a gymnasium environment → segment pairs labelled by smoothness, return or a function"
 INPUT_HELP = "a gymnasium environment id, e.g. Pendulum-v1, CartPole-v1 or Reacher-v5"
-OUTPUT_HELP = "the file to write: .jsonl (one pair a row) or .npz (arrays)"
-LABELS = ("smoothness", "return")
-SUFFIXES = (".jsonl", ".npz")
 
 
 @dataclass
-class Rollouts(Built):
+class Rollouts(SegmentPairs):
     """The pair rows (segments as numpy arrays until written), counts, and the rollout's speed."""
 
     steps: int = 0
     seconds: float = 0.0
-    unlabelled: bool = False
 
     @property
     def steps_per_second(self) -> float:
@@ -83,25 +80,6 @@ class Rollouts(Built):
 
     def summary(self) -> str:
         return f"{super().summary()}, rollout: {self.steps} steps at {self.steps_per_second:.0f} steps/s"
-
-
-# ---------------------------------------------------------------- references: module:function
-
-
-def import_function(ref: str, what: str) -> Callable:
-    """`package.module:function` → the function; anything else is one line naming `what` it was for."""
-    module, sep, attr = ref.partition(":")
-    if not sep or not module or not attr:
-        raise DpokitError(f"{what} {ref!r} must look like 'package.module:function'")
-    try:
-        fn = importlib.import_module(module)
-        for part in attr.split("."):
-            fn = getattr(fn, part)
-    except (ImportError, AttributeError) as e:
-        raise DpokitError(f"cannot import {what} {ref!r}: {e}") from None
-    if not callable(fn):
-        raise DpokitError(f"{what} {ref!r} is not callable")
-    return fn
 
 
 # ---------------------------------------------------------------- environment and policy
@@ -203,26 +181,6 @@ def _check_actions(actions: np.ndarray, vec) -> np.ndarray:
 # ---------------------------------------------------------------- rollout and segments
 
 
-def jerk(segment: dict) -> float | None:
-    """Mean squared jerk of a segment (the module docstring has the definition): the third finite difference
-    of qpos when the segment has it, else the second difference of the actions; mean over t of the squared
-    norm. None when the segment is too short for the difference."""
-    qpos = segment.get("qpos")
-    if qpos is not None:
-        x, order = np.asarray(qpos, dtype=np.float64), 3
-    else:
-        actions = np.asarray(segment["actions"], dtype=np.float64)
-        x, order = actions.reshape(len(actions), -1), 2
-    if len(x) <= order:
-        return None
-    d = np.diff(x, n=order, axis=0)
-    return float((d ** 2).sum(axis=1).mean())
-
-
-def min_smoothness_length(has_qpos: bool) -> int:
-    return 4 if has_qpos else 3
-
-
 def rollout_segments(env_id: str, policy: Any = "random", steps: int = 10_000, num_envs: int = 8,
                      segment_length: int = 32, seed: int = 0, env_kwargs: dict | None = None,
                      deterministic: bool = False, min_length: Callable[[bool], int] | None = None,
@@ -291,97 +249,11 @@ def rollout_segments(env_id: str, policy: Any = "random", steps: int = 10_000, n
 
 def _segment(buffer: list[tuple], env: int, episode: int, start: int) -> dict:
     obs, actions, rewards, qpos = zip(*buffer)
-    seg = {"obs": np.stack(obs).astype(np.float32), "actions": np.stack(actions),
-           "rewards": np.asarray(rewards, dtype=np.float64),
-           "qpos": np.stack(qpos) if qpos[0] is not None else None,
-           "env": env, "episode": episode, "start": start}
-    seg["info"] = {"return": float(seg["rewards"].sum()), "jerk": jerk(seg)}
-    return seg
+    return make_segment(np.stack(obs), np.stack(actions), rewards, np.stack(qpos) if qpos[0] is not None else None,
+                        env=env, episode=episode, start=start)
 
 
 # ---------------------------------------------------------------- pairs and labels
-
-
-def pair_indices(n: int, pairs: int | None = None, seed: int = 0) -> list[tuple[int, int]]:
-    """Random pairs of distinct segments among n, seeded: a shuffle paired two by two (each segment once),
-    then, when `pairs` asks for more, further distinct random pairs."""
-    if n < 2:
-        raise DpokitError(f"the rollout gave {n} segment(s), and a pair needs 2: roll out more steps "
-                          "or shorten the segments")
-    rng = np.random.default_rng(seed)
-    perm = rng.permutation(n)
-    out = [(int(perm[2 * k]), int(perm[2 * k + 1])) for k in range(n // 2)]
-    if pairs is None:
-        return out
-    if pairs < 1:
-        raise DpokitError(f"pairs must be >= 1, got {pairs}")
-    total = n * (n - 1) // 2
-    if pairs > total:
-        raise DpokitError(f"pairs asks for {pairs} pairs, but {n} segments make only {total} distinct pairs")
-    if pairs <= len(out):
-        return out[:pairs]
-    seen = {frozenset(p) for p in out}
-    if pairs > total // 2:  # dense: draw from the full list rather than by rejection
-        rest = [(i, j) for i in range(n) for j in range(i + 1, n) if frozenset((i, j)) not in seen]
-        pick = rng.choice(len(rest), size=pairs - len(out), replace=False)
-        return out + [rest[int(k)] if rng.random() < 0.5 else rest[int(k)][::-1] for k in pick]
-    while len(out) < pairs:
-        i, j = (int(v) for v in rng.choice(n, size=2, replace=False))
-        if frozenset((i, j)) not in seen:
-            seen.add(frozenset((i, j)))
-            out.append((i, j))
-    return out
-
-
-def load_labeller(label: str | Callable) -> Callable[[dict], float]:
-    """segment → score, higher preferred: `smoothness` (−jerk), `return` (summed reward), a callable or a
-    'package.module:function'."""
-    if callable(label):
-        return label
-    if label == "smoothness":
-        return lambda seg: -seg["info"]["jerk"] if seg["info"]["jerk"] is not None else math.nan
-    if label == "return":
-        return lambda seg: seg["info"]["return"]
-    if ":" in label:
-        return import_function(label, "label function")
-    raise DpokitError(f"label must be one of {', '.join(LABELS)} or a 'package.module:function', got {label!r}")
-
-
-def _score(fn: Callable, seg: dict) -> float:
-    value = fn(seg)
-    if isinstance(value, np.ndarray) and value.size == 1:
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise DpokitError(f"the label function returned {type(value).__name__}, not a number")
-    return float(value)
-
-
-def label_pairs(segments: list[dict], pairs: list[tuple[int, int]], label: str | Callable | None,
-                out: Rollouts | None = None) -> Rollouts:
-    """Pair rows: the higher-scored segment chosen (ties and NaN scores dropped), or with label None
-    unlabelled rows {"a", "b"}."""
-    out = out if out is not None else Rollouts()
-    if label is None:
-        out.unlabelled = True
-        out.rows = [{"a": segments[i], "b": segments[j]} for i, j in pairs]
-        out.counts["pairs"] = len(out.rows)
-        return out
-    fn = load_labeller(label)
-    scores: dict[int, float] = {}
-    for i, j in pairs:
-        for k in (i, j):
-            if k not in scores:
-                scores[k] = _score(fn, segments[k])
-        a, b = scores[i], scores[j]
-        if math.isnan(a) or math.isnan(b):
-            out.counts["unscored"] += 1
-        elif a == b:
-            out.counts["ties"] += 1
-        else:
-            win, lose = (i, j) if a > b else (j, i)
-            out.rows.append({"chosen": segments[win], "rejected": segments[lose], "weight": 1.0})
-    out.counts["pairs"] = len(out.rows)
-    return out
 
 
 def rollout_pairs(env_id: str, policy: Any = "random", steps: int = 10_000, num_envs: int = 8,
@@ -394,56 +266,7 @@ def rollout_pairs(env_id: str, policy: Any = "random", steps: int = 10_000, num_
     segments, out = rollout_segments(env_id, policy, steps, num_envs, segment_length, seed, env_kwargs,
                                      deterministic, min_length)
     out = label_pairs(segments, pair_indices(len(segments), pairs, seed), label, out)
-    if not out.rows:
-        raise DpokitError(f"no preference among the {out.counts['ties'] + out.counts['unscored']} pairs drawn: every "
-                          f"one tied ({out.counts['ties']}) or went unscored ({out.counts['unscored']}); "
-                          f"label {label!r} does not tell these segments apart")
-    return out
-
-
-# ---------------------------------------------------------------- writing
-
-
-def check_output(path: str | Path) -> str:
-    suffix = Path(path).suffix.lower()
-    if suffix not in SUFFIXES:
-        raise DpokitError(f"{path}: the output must end in .jsonl (rows) or .npz (arrays), not {suffix or 'nothing'!r}")
-    return suffix
-
-
-def _row_segment(seg: dict) -> dict:
-    return {"obs": seg["obs"].tolist(), "actions": seg["actions"].tolist(), "info": dict(seg["info"])}
-
-
-def write(built: Rollouts, path: str | Path) -> int:
-    """Write the pairs as JSON Lines or .npz arrays (by suffix), all or nothing; returns how many."""
-    import json
-
-    suffix = check_output(path)
-    sides = ("a", "b") if built.unlabelled else ("chosen", "rejected")
-    if suffix == ".jsonl":
-        with atomic_write(path) as f:
-            for row in built.rows:
-                out = {side: _row_segment(row[side]) for side in sides}
-                if not built.unlabelled:
-                    out["weight"] = row["weight"]
-                f.write(json.dumps(out) + "\n")
-        return len(built.rows)
-    if not built.rows:
-        raise DpokitError(f"{path}: no pairs to write")
-    arrays: dict[str, np.ndarray] = {}
-    for side in sides:
-        segs = [row[side] for row in built.rows]
-        arrays[f"{side}_obs"] = np.stack([s["obs"] for s in segs])
-        arrays[f"{side}_actions"] = np.stack([s["actions"] for s in segs])
-        arrays[f"{side}_return"] = np.array([s["info"]["return"] for s in segs], dtype=np.float64)
-        arrays[f"{side}_jerk"] = np.array([math.nan if s["info"]["jerk"] is None else s["info"]["jerk"]
-                                           for s in segs], dtype=np.float64)
-    if not built.unlabelled:
-        arrays["weight"] = np.array([row["weight"] for row in built.rows], dtype=np.float32)
-    with atomic_write(path, "wb") as f:
-        np.savez(f, **arrays)
-    return len(built.rows)
+    return require_preferences(out, label)
 
 
 # ---------------------------------------------------------------- command line
@@ -457,19 +280,13 @@ def add_arguments(p) -> None:
                    help="a policy module acts by its distribution's mode instead of sampling")
     p.add_argument("--steps", type=int, default=10_000, help="environment steps in all, over every copy")
     p.add_argument("--num-envs", type=int, default=8, help="environment copies stepped together")
-    p.add_argument("--segment-length", type=int, default=32,
-                   help="steps per segment; a segment never spans an episode end")
-    p.add_argument("--label", default=None,
-                   help="smoothness: the lower mean squared jerk wins, jerk = mean over t of |third finite "
-                        "difference of qpos|^2 when the env has MuJoCo qpos (segment length >= 4), else of the "
-                        "second difference of the actions (>= 3); return: the higher summed reward wins; or a "
-                        "'package.module:function' (segment dict → score, higher wins). Ties are dropped. Default: smoothness")
-    p.add_argument("--unlabelled", action="store_true", help="write {a, b} pairs for people to label, no preference")
-    p.add_argument("--pairs", type=int, default=None,
-                   help="how many pairs to draw (default: the segments shuffled and paired, each once)")
+    add_pair_arguments(p, "smoothness: the lower mean squared jerk wins, jerk = mean over t of |third finite "
+                          "difference of qpos|^2 when the env has MuJoCo qpos (segment length >= 4), else of the "
+                          "second difference of the actions (>= 3); return: the higher summed reward wins; or a "
+                          "'package.module:function' (segment dict → score, higher wins). Ties are dropped. "
+                          "Default: smoothness")
     p.add_argument("--env-kwargs", default=None,
                    help="keyword arguments for the environment, as YAML, e.g. '{max_episode_steps: 50}'")
-    p.add_argument("--seed", type=int, default=0)
 
 
 def _env_kwargs(text: str | None) -> dict | None:
@@ -487,9 +304,6 @@ def _env_kwargs(text: str | None) -> dict | None:
 
 
 def build(args) -> Rollouts:
-    check_output(args.output)
-    if args.unlabelled and args.label is not None:
-        raise DpokitError("--unlabelled writes pairs with no preference; drop --label")
     return rollout_pairs(args.input, args.policy, args.steps, args.num_envs, args.segment_length,
-                         None if args.unlabelled else args.label or "smoothness", args.pairs, args.seed, _env_kwargs(args.env_kwargs),
+                         label_argument(args), args.pairs, args.seed, _env_kwargs(args.env_kwargs),
                          args.deterministic)
