@@ -36,10 +36,10 @@ def test_controller_is_the_jacobian_transpose_law():
     assert reacher.controller(obs, noise)[0] == pytest.approx(want)
 
 
-def test_telegraph_noise_holds_for_five_steps_at_plus_minus_0_3():
+def test_telegraph_noise_holds_for_five_steps_at_plus_minus_the_noise():
     tele = reacher.Telegraph(64, np.random.default_rng(0))
     values = np.stack([tele() for _ in range(10)])
-    assert np.all(np.abs(values) == pytest.approx(0.3))
+    assert np.all(np.abs(values) == pytest.approx(reacher.NOISE)) and reacher.NOISE == 0.2  # protocol version 2
     assert np.all(values[:5] == values[0]) and np.all(values[5:] == values[5])
     assert np.any(values[5] != values[0])
 

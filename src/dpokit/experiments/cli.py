@@ -138,7 +138,7 @@ def add_policy(experiments) -> tuple[argparse.ArgumentParser, list[argparse.Acti
                            docs="its section and picture")
     explore = p.add_argument("--pair-exploration", type=float, metavar="SIGMA",
                              help="pair segments from the policy's deterministic action plus N(0, SIGMA^2) noise "
-                                  "instead of its own samples (the first run's fix; default: its samples)")
+                                  "(default 0.1, the protocol's version 2)")
     p.set_defaults(experiment_run=_run_policy)
     return p, [explore]
 

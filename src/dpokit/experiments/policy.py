@@ -36,10 +36,10 @@ from . import reacher as R
 NAME = "policy"
 FULL = dict(demo_episodes=200, bc_steps=3000, bc_batch=256, bc_lr=1e-3, pair_steps=20_000, segment_length=10,
             eval_episodes=200, epochs=5, batch_size=64, learning_rate=1e-4, beta=0.1, cpl_lambda=0.5,
-            pair_exploration=None,  # None: pairs from the policy's own samples (the protocol); σ: see exploring_actor
+            pair_exploration=0.1,  # σ: see exploring_actor (protocol version 2); None: the policy's own samples (v1)
             rlhf=True, rm_steps=2000, ppo_steps=50_000, rlhf_anchor=0.1)  # the RLHF arm (rlhf.py)
 # The demo is the whole experiment (about 15 s on 2 cores).
-DEMO = dict(FULL, pair_exploration=0.1)  # at the first run's fix (docs/experiments.md)
+DEMO = dict(FULL)
 QUICK = dict(FULL, demo_episodes=20, bc_steps=100, pair_steps=800, eval_episodes=10, epochs=1, rm_steps=20,
              ppo_steps=2048)
 GOAL = {"jerk_ratio": 0.5, "success_drop": 0.02, "bc_success_min": 0.30}
@@ -299,15 +299,24 @@ PROTOCOL = """\
 The issue's experiment, on CPU with no downloads (`dpokit experiment policy`; `dpokit demo policy` is the same
 protocol at demo size). The protocol and the decision rule below were committed before the first run.
 
+**Version 2**, committed before its runs: the demonstrator's switching noise is ±0.2 instead of ±0.3, and the pairs
+come from the BC policy's deterministic action plus exploration noise (version 1's one fix). Version 1's
+demonstrator reached the target only 27% of the time and its BC policy 28%, under the 30% the rule requires, so
+version 1 could not count; one calibration of the demonstrator and BC alone (no preference training, no
+evaluation of any tuned policy) over noise ±0.3 / ±0.2 / ±0.1 picked the largest noise whose BC policy clears
+30% (±0.2: demonstrator 45.5% with jerk 3.3× the noiseless controller's, BC 37%). Nothing else changed; version 1's
+results are kept in the reading below.
+
 - **Environment**: gymnasium's `Reacher-v5` (MuJoCo, a two-joint arm; 50-step episodes, 0.02 s a step). One pilot
   of the scripted controller alone (no learning) chose its gains.
 - **Demonstrator** (reaches, but jerkily): Jacobian-transpose control of the fingertip toward the target,
   τ = clip(30·Jᵀ(target − fingertip) − 0.03·q̇ + n_t, −1, 1), with switching noise n_t: every 5 steps each joint's
-  noise is redrawn as ±0.3 with a random sign (telegraph noise). 200 episodes (10,000 steps) of it.
+  noise is redrawn as ±0.2 with a random sign (telegraph noise). 200 episodes (10,000 steps) of it.
 - **Unaligned policy (BC)**: the policy family's MLP (hidden 64, 64; tanh-squashed Gaussian head, state-independent
   log-std) trained by behaviour cloning (per-step NLL of the demonstrator's actions), 3,000 AdamW steps at batch
   256, learning rate 1e-3.
-- **Pairs**: the BC policy's own rollouts (actions sampled), `dpokit data build rollouts` with 20,000 steps cut
+- **Pairs**: the BC policy's own rollouts (its deterministic action plus N(0, 0.1²) exploration noise in action
+  space; version 1 sampled the policy's own Gaussian), `dpokit data build rollouts` with 20,000 steps cut
   into segments of 10 steps, paired at random and labelled by **smoothness**: the segment with the lower mean
   squared jerk of the joint angles (third finite difference of qpos, the recipe's definition) is chosen.
 - **Training**, from the BC policy, the same pairs, steps and learning rate for all: DPO (`loss_type: sigmoid`,

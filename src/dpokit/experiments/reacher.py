@@ -15,7 +15,7 @@ ENV_ID = "Reacher-v5"
 EPISODE_STEPS = 50
 LINKS = (0.1, 0.11)
 GAIN, DAMPING = 30.0, 0.03  # τ = clip(GAIN·Jᵀ(target − fingertip) − DAMPING·q̇ + n, −1, 1)
-NOISE, NOISE_PERIOD = 0.3, 5  # telegraph noise: ±NOISE with a random sign per joint, redrawn every NOISE_PERIOD steps
+NOISE, NOISE_PERIOD = 0.2, 5  # protocol version 2 (version 1: 0.3, under which BC reached only 28%)  # telegraph noise: ±NOISE with a random sign per joint, redrawn every NOISE_PERIOD steps
 SUCCESS_DISTANCE = 0.05  # m, fingertip to target at the last step
 # The demonstrator's actions are often exactly ±1 (clipped); a tanh-squashed head's log-density needs them strictly
 # inside, so BC targets are clipped to ±(1 − BC_CLIP).
