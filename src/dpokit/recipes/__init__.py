@@ -8,6 +8,8 @@
 - rollouts:  a policy rolled out in a gymnasium environment → trajectory-segment pairs (smoothness, return,
              or a function), as JSONL or .npz, for the policy family
 - minari:    a local Minari offline-RL dataset (never downloaded) → trajectory-segment pairs, as rollouts
+- interactions: user-item logs (CSV/TSV/Parquet, RecBole .inter/.item) → user history, chosen vs rejected
+             item(s) (low-rated, skipped or sampled; S-DPO groups), leave-last-out splits, for recommenders
 - validate:  every problem the loader would raise, plus counts, lengths and duplicates
 
 Each recipe reads any file the loader reads and writes JSON Lines rows with `prompt`,

@@ -4,6 +4,7 @@
     dpokit data build judge PROMPTS OUT --model M --judge SPEC [--k 4] [--min-gap G]
     dpokit data build rollouts ENV_ID OUT.jsonl|OUT.npz [--policy P] [--label smoothness|return|mod:fn]
     dpokit data build minari DATASET OUT.jsonl|OUT.npz [--episodes N] [--label smoothness|return|mod:fn]
+    dpokit data build interactions LOG OUT.jsonl [--negatives rating|skipped|sampled] [--k K] [--split ...]
     dpokit data validate FILE [--model M] [--max-length N] [--max-prompt-length N] [--json]
     dpokit data asr MODEL EVAL_FILE [--max-new-tokens N] [--match contains|startswith]
 
@@ -16,9 +17,10 @@ import argparse
 import json
 
 from ..errors import DpokitError
-from . import hierarchy, injection, judge, minari_data, ratings, rankings, rollouts, votes
+from . import hierarchy, injection, interactions, judge, minari_data, ratings, rankings, rollouts, votes
 
-RECIPES = {m.NAME: m for m in (votes, ratings, rankings, injection, hierarchy, judge, rollouts, minari_data)}
+RECIPES = {m.NAME: m for m in (votes, ratings, rankings, injection, hierarchy, judge, rollouts, minari_data,
+                               interactions)}
 
 
 def register(subparsers) -> None:
