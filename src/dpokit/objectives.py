@@ -239,6 +239,18 @@ def sdpo_loss(t: LossInputs, c: ObjectiveConfig) -> torch.Tensor:
     return -F.logsigmoid(-torch.logsumexp(z, dim=1))
 
 
+@register("dmpo", data=("pairs", "groups"))
+def dmpo_loss(t: LossInputs, c: ObjectiveConfig) -> torch.Tensor:
+    """DMPO (Bai et al. 2024, "Finetuning Large Language Model for Personalized Ranking", Direct Multi-Preference
+    Optimization): the chosen reply against the mean of the K rejected replies' log-ratios,
+    −log σ(β(Δ_w − (1/K) Σ_j Δ_j) − m), over the slots in use (empty slots of smaller groups are left out of
+    the mean). With K = 1 it is DPO's sigmoid loss; unlike `sdpo`'s softmax, every negative weighs the same."""
+    rejected = t.rejected_logratios if t.rejected_logratios.dim() == 2 else t.rejected_logratios[:, None]
+    mask = t.rejected_mask if t.rejected_mask is not None else torch.ones_like(rejected, dtype=torch.bool)
+    mean = torch.where(mask, rejected, torch.zeros_like(rejected)).sum(1) / mask.sum(1).clamp(min=1)
+    return -F.logsigmoid(c.beta * (t.chosen_logratios - mean) - t.margin)
+
+
 # ---------------------------------------------------------------- unpaired losses (KTO)
 
 
@@ -340,7 +352,7 @@ def check_losses(loss_types: list[str], loss_weights: list[float] | None, label_
         raise DpokitError(f"exo_pair needs 0 < label_smoothing < 1 (the paper uses 1e-3), got {label_smoothing}")
     if not 0 <= label_smoothing <= 1:
         raise DpokitError(f"label_smoothing must lie in [0, 1], got {label_smoothing}")
-    for name in ("sdpo", "cpl_rank"):
+    for name in ("sdpo", "cpl_rank", "dmpo"):
         if name in loss_types and label_smoothing:
             raise DpokitError(f"{name} has no label smoothing; set label_smoothing: 0 (got {label_smoothing})")
 

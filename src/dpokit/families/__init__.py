@@ -6,8 +6,10 @@ from .base import Example, Family, Scorer, Scores, data_kind
 from .causal_lm import CausalLMFamily
 from .diffusion import DiffusionFamily
 from .policy import PolicyFamily
+from .recommender import RecommenderFamily
 
-FAMILIES = {"causal_lm": CausalLMFamily, "diffusion": DiffusionFamily, "policy": PolicyFamily}
+FAMILIES = {"causal_lm": CausalLMFamily, "diffusion": DiffusionFamily, "policy": PolicyFamily,
+            "recommender": RecommenderFamily}
 
 
 def register_family(family: type[Family]) -> type[Family]:
