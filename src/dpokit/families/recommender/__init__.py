@@ -6,7 +6,8 @@ user chose next against the item(s) shown but not chosen.
 - models.py: dpokit's SASRec, the slate scoring that never builds the catalogue's logits, the vocabulary (`Items`)
   and the folder format (config.json + model.safetensors + items.json);
 - data.py: interaction rows from JSON Lines, checked against the vocabulary, left-padded in batches;
-- scorer.py: the item score (log-softmax over the catalogue or the slate).
+- scorer.py: the item score (log-softmax over the catalogue or the slate);
+- sampling.py: the `sample` capability, the top-k items for each context (history), measured by dpokit.ranking.
 
 Behaviour cloning is `loss_type: sft` (the next-item cross-entropy); several rejected items per row are S-DPO
 groups (`sdpo`, `dmpo`).
@@ -34,7 +35,7 @@ class RecommenderFamily(Family):
     name = "recommender"
     likelihood = "exact"
     config_class = RecommenderConfig
-    capabilities = frozenset({"load_trained"})
+    capabilities = frozenset({"load_trained", "sample"})
     rebuilds_base = True  # no `model`: load_trained(None, cfg) is the fresh SASRec the run started from
 
     def __init__(self, model: nn.Module | None = None, items=None):
@@ -112,6 +113,14 @@ class RecommenderFamily(Family):
 
     def save(self, model, items, path, merge_lora=False):
         save_model(model, items, path)
+
+    def sample(self, model, items, prompts, **settings):
+        """Top-k lists: for each prompt (a history, a list of item ids oldest first) the `num_generations` (k,
+        default 10) items with the highest logits, best first, the history's own items left out
+        (`exclude_history=False` keeps them)."""
+        from .sampling import recommend
+
+        return recommend(model, items, prompts, **settings)
 
     def new_model(self, items, max_history: int = 50, hidden: int = 64, blocks: int = 2, heads: int = 2,
                   dropout: float = 0.2) -> SASRec:
