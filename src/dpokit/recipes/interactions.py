@@ -357,7 +357,7 @@ def _sort_user(events: list[Event], name: str, keep_file_order: bool) -> list[Ev
     if not keep_file_order:
         for a, b in zip(events, events[1:]):
             if a.time == b.time:
-                raise DataError(name, b.row, f"user {a.user!r} has another event at the same time {a.time:g} "
+                raise DataError(name, b.row, f"user {a.user!r} has another event at the same time {a.time:.15g} "
                                              f"(row {a.row}): their order is unknown (--on-duplicate-time "
                                              "keep-file-order takes the file's order)")
     return events
