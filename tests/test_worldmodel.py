@@ -168,3 +168,28 @@ def test_bad_input_is_one_line(fitted, tmp_path):
         with pytest.raises(DpokitError) as e:
             case()
         _one_line(e)
+
+
+def test_early_stopping_keeps_the_best_validation_epoch(monkeypatch):
+    """With patience, training stops once the validation loss has not improved for that many epochs, and the
+    weights are the best epoch's: its validation loss is the lowest seen."""
+    from dpokit.worldmodel import fit as fit_module
+
+    seen = []
+    real = fit_module.validation_loss
+
+    def spy(model, sequences, pairs):
+        seen.append(real(model, sequences, pairs))
+        return seen[-1]
+
+    monkeypatch.setattr(fit_module, "validation_loss", spy)
+    events = synthetic_log(n_users=40, per_user=8, seed=3)
+    model, out = fit_module.fit_world_model(events, items=ITEMS,
+                                            config=fit_module.FitConfig(epochs=25, batch_size=16, patience=3))
+    assert out["validation_events"] > 0 and out["epochs_run"] == len(seen)
+    best = min(range(len(seen)), key=seen.__getitem__) + 1
+    assert out["best_epoch"] == best and (out["epochs_run"] == 25 or out["epochs_run"] - best == 3)
+    users = fit_module.user_sequences(fit_module._events(events, None))
+    train, _ = fit_module.split_leave_last_out(users, 1)
+    _, valid = fit_module.split_leave_last_out(train, 1)
+    assert fit_module.validation_loss(model, users, valid) == pytest.approx(seen[best - 1], rel=1e-5)

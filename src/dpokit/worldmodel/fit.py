@@ -19,6 +19,7 @@ items.json (the vocabulary: a JSON list of item ids as strings, index i + 1 for 
 from __future__ import annotations
 
 import json
+import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +56,11 @@ class FitConfig:
     holdout: int = 1
     outcome_dropout: float = 0.1
     seed: int = 0
+    # Early stopping: each user's event before the held-out one is a validation event; training stops when their
+    # loss has not improved for `patience` epochs and keeps the best epoch's weights. None (the default): train all
+    # epochs on every event but the held-out ones. Real logs need it (MovieLens-100K overfits in 50 epochs, see
+    # docs/experiments.md); small synthetic ones can plateau for many epochs before they learn.
+    patience: int | None = None
 
 
 # ---------------------------------------------------------------- logs
@@ -220,6 +226,9 @@ def fit_world_model(log, items: Sequence[str] | None = None, config: FitConfig |
         raise DpokitError(f"log item {unknown!r} is not in the items given")
     sequences = user_sequences(events)
     train_seqs, held = split_leave_last_out(sequences, config.holdout)
+    valid: list[tuple[str, int]] = []
+    if config.patience is not None:
+        train_seqs, valid = split_leave_last_out(train_seqs, 1)
     windows = _windows(list(train_seqs.values()), config.max_history)
     if not windows:
         raise DpokitError("no user has two training events: nothing to learn a next event from")
@@ -234,8 +243,9 @@ def fit_world_model(log, items: Sequence[str] | None = None, config: FitConfig |
         model.rating_std.fill_(std if std > 0 else 1.0)
     rng = random.Random(config.seed)
     opt = torch.optim.Adam(model.parameters(), lr=config.lr)
-    model.train()
-    for _ in range(config.epochs):
+    best, best_epoch, epochs_run = None, 0, 0
+    for epoch in range(1, config.epochs + 1):
+        model.train()
         rng.shuffle(windows)
         for s in range(0, len(windows), config.batch_size):
             items_t, feats, nxt, target, mask = _batch(model, windows[s:s + config.batch_size],
@@ -244,11 +254,46 @@ def fit_world_model(log, items: Sequence[str] | None = None, config: FitConfig |
             opt.zero_grad()
             loss.backward()
             opt.step()
+        epochs_run = epoch
+        if valid:
+            score = validation_loss(model.eval(), sequences, valid)
+            if best is None or score < best[0]:
+                best, best_epoch = (score, {k: v.detach().clone() for k, v in model.state_dict().items()}), epoch
+            elif epoch - best_epoch >= config.patience:
+                break
+    if best is not None:
+        model.load_state_dict(best[1])
     model.eval()
     baseline = {"rating": sum(ratings) / len(ratings) if ratings else None}
     engaged_train = [e.outcomes["engaged"] for evs in train_seqs.values() for e in evs if "engaged" in e.outcomes]
     baseline["engaged"] = sum(engaged_train) / len(engaged_train) if engaged_train else None
-    return model, fidelity(model, sequences, held, baseline)
+    out = fidelity(model, sequences, held, baseline)
+    out.update(epochs_run=epochs_run, best_epoch=best_epoch if valid else epochs_run, validation_events=len(valid))
+    return model, out
+
+
+@torch.no_grad()
+def validation_loss(model: WorldModel, sequences: dict[str, list[LogEvent]], pairs: list[tuple[str, int]]) -> float:
+    """The training loss on validation events, each predicted from the user's earlier events: mse of the
+    standardised rating plus the engagement's binary cross-entropy (whichever outcomes the model has)."""
+    pairs = [(u, j) for u, j in pairs if j >= 1]
+    total, n = 0.0, 0
+    for s in range(0, len(pairs), 256):
+        chunk = pairs[s:s + 256]
+        histories = [[(e.item, e.outcomes) for e in sequences[u][:j]] for u, j in chunk]
+        p = model.predict(histories, [[sequences[u][j].item] for u, j in chunk])
+        for o in model.outcomes:
+            for pred, (u, j) in zip(p[o][:, 0].tolist(), chunk):
+                y = sequences[u][j].outcomes.get(o)
+                if y is None:
+                    continue
+                if o == "rating":
+                    total += ((pred - y) / float(model.rating_std)) ** 2
+                else:
+                    q = min(max(pred, 1e-7), 1 - 1e-7)
+                    total += -(y * math.log(q) + (1 - y) * math.log(1 - q))
+                n += 1
+    return total / max(n, 1)
 
 
 def fidelity(model: WorldModel, sequences: dict[str, list[LogEvent]], held: list[tuple[str, int]],
