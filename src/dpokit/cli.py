@@ -48,6 +48,12 @@ def _demo(args) -> None:
         results = policy.run(args.output_dir or "runs/demo-policy", seed=args.seed,
                              size=policy.QUICK if args.quick else policy.DEMO,
                              command="dpokit demo policy" + (" --quick" if args.quick else ""))
+    elif args.task == "recommender":
+        from .experiments import recommender
+
+        results = recommender.run(args.output_dir or "runs/demo-recommender", seed=args.seed,
+                                  size=recommender.QUICK if args.quick else recommender.DEMO,
+                                  command="dpokit demo recommender" + (" --quick" if args.quick else ""))
     else:
         from .demo import run_demo
 
@@ -178,13 +184,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p = sub.add_parser("demo", help="a controlled task with a known preference: a base model, then DPO, before/after")
-    p.add_argument("task", nargs="?", choices=["line", "diffusion", "policy"], default="line",
+    p.add_argument("task", nargs="?", choices=["line", "diffusion", "policy", "recommender"], default="line",
                    help="line (default): a small language model asked for positive lines; diffusion: a digit "
                         "generator trained from scratch on MNIST, then Diffusion-DPO against unwanted digits "
                         "(needs pip install 'dpokit[mnist]'; under 5 minutes on 2 cores); policy: a Reacher-v5 arm "
                         "cloned from a jerky scripted controller, then DPO and CPL for smoothness (needs pip "
-                        "install 'dpokit[policy]' and mujoco; under 5 minutes on 2 cores)")
-    p.add_argument("--output-dir", help="default runs/demo (line), runs/demo-diffusion or runs/demo-policy")
+                        "install 'dpokit[policy]' and mujoco; under 5 minutes on 2 cores); recommender: a SASRec "
+                        "cloned from a known simulator's logs, then DPO, S-DPO and DMPO on pairs a world model "
+                        "labels, against the greedy argmax (under a minute on 2 cores)")
+    p.add_argument("--output-dir", help="default runs/demo (line), runs/demo-diffusion, runs/demo-policy or "
+                                        "runs/demo-recommender")
     p.add_argument("--json", help="also write the results here, e.g. {\"base\": {...}, \"dpo\": {...}} for diffusion")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="a smaller run, for smoke tests")

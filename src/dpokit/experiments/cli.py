@@ -6,6 +6,7 @@
     dpokit experiment diffusion [--out DIR] [--docs DIR] [--seed N] [--quick]
     dpokit experiment onestep [--base DIR] [--out DIR] [--docs DIR] [--seed N] [--quick]
     dpokit experiment policy [--out DIR] [--docs DIR] [--seed N] [--quick]
+    dpokit experiment recommender [--out DIR] [--docs DIR] [--seed N] [--quick]
 
 Another experiment's flag is refused while the command line is parsed, before anything runs, in one line that
 names the experiment it belongs to. An experiment's module is imported only when it runs.
@@ -154,9 +155,26 @@ def _run_policy(args) -> None:
                + (f" --pair-exploration {args.pair_exploration:g}" if args.pair_exploration is not None else ""))
 
 
+def add_recommender(experiments) -> tuple[argparse.ArgumentParser, list[argparse.Action]]:
+    p = _experiment_parser(experiments, "recommender", "DPO, S-DPO and DMPO for a recommender against a world model, "
+                           "on synthetic logs from a known simulator: utility, true utility, NDCG@10, coverage "
+                           "(BC and the greedy argmax beside them). Synthetic only for now: --data for real logs "
+                           "(MovieLens-100K) is not built yet",
+                           out="the log, rows, models and recommender.json", docs="its section")
+    p.set_defaults(experiment_run=_run_recommender)
+    return p, []
+
+
+def _run_recommender(args) -> None:
+    from . import recommender
+
+    recommender.run(args.out, size=recommender.QUICK if args.quick else recommender.FULL, seed=args.seed,
+                    docs_dir=args.docs, command="dpokit experiment recommender" + (" --quick" if args.quick else ""))
+
+
 EXPERIMENTS = {"frontier": add_frontier, "secalign": add_secalign, "hierarchy": add_hierarchy,
                "diffusion": add_diffusion, "onestep": add_onestep,
-               "policy": add_policy}
+               "policy": add_policy, "recommender": add_recommender}
 
 
 class _BelongsElsewhere(argparse.Action):
