@@ -161,15 +161,21 @@ def add_recommender(experiments) -> tuple[argparse.ArgumentParser, list[argparse
                            "(BC and the greedy argmax beside them). Synthetic only for now: --data for real logs "
                            "(MovieLens-100K) is not built yet",
                            out="the log, rows, models and recommender.json", docs="its section")
+    wm = p.add_argument("--wm-patience", type=int, metavar="N",
+                        help="the world model's early-stopping patience in epochs (default: the protocol's 3)")
     p.set_defaults(experiment_run=_run_recommender)
-    return p, []
+    return p, [wm]
 
 
 def _run_recommender(args) -> None:
     from . import recommender
 
-    recommender.run(args.out, size=recommender.QUICK if args.quick else recommender.FULL, seed=args.seed,
-                    docs_dir=args.docs, command="dpokit experiment recommender" + (" --quick" if args.quick else ""))
+    size = dict(recommender.QUICK if args.quick else recommender.FULL)
+    if args.wm_patience is not None:
+        size["wm_patience"] = args.wm_patience
+    recommender.run(args.out, size=size, seed=args.seed, docs_dir=args.docs,
+                    command="dpokit experiment recommender" + (" --quick" if args.quick else "")
+                    + (f" --wm-patience {args.wm_patience}" if args.wm_patience is not None else ""))
 
 
 EXPERIMENTS = {"frontier": add_frontier, "secalign": add_secalign, "hierarchy": add_hierarchy,
