@@ -4,6 +4,7 @@ Nothing in the core imports this package: the command line reaches it through `e
 experiment's helpers (segment embeddings, reading checkpoints as policies) live here with it."""
 
 import json
+import time
 from pathlib import Path
 
 from ..io import write_text
@@ -37,3 +38,31 @@ def write_docs(results: dict, out_dir, docs_dir, name: str, section: str, keep: 
     results["command"] += f" --docs {docs_dir}"
     write_text(Path(out_dir) / f"{name}.json", json.dumps(results, indent=2))
     update_docs(Path(docs_dir) / "experiments.md", name, section, keep=keep)
+
+
+def say(t0: float, msg: str) -> None:
+    """A progress line with the seconds since `t0`."""
+    print(f"[{time.time() - t0:6.0f}s] {msg}", flush=True)
+
+
+def training_log(result) -> dict:
+    """A `dpokit.train` result's steps and its first and last logged loss, margins, accuracies and log-probs: what
+    a reading of an experiment needs from the training logs."""
+    keep = ("loss", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected")
+    rows = [r for r in result.history if "loss" in r]
+    log = {"steps": result.global_step}
+    if rows:
+        log["first"] = {k: rows[0][k] for k in keep if k in rows[0]}
+        log["last"] = {k: rows[-1][k] for k in keep if k in rows[-1]}
+    return log
+
+
+def finish(results: dict, out_dir, name: str, table: str, docs_dir=None, section: str | None = None,
+           keep: str | None = None) -> None:
+    """An experiment's last step: `<out_dir>/<name>.json`, the table printed, and with `docs_dir` its docs section
+    (`write_docs`, which saves the json with the rerun command)."""
+    if docs_dir is None:
+        write_text(Path(out_dir) / f"{name}.json", json.dumps(results, indent=2))
+    print(table)
+    if docs_dir is not None:
+        write_docs(results, out_dir, docs_dir, name, section, keep=keep)

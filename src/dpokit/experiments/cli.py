@@ -38,6 +38,18 @@ def _experiment_parser(experiments, name: str, help: str, out: str, docs: str) -
     return p
 
 
+def _sized(args, module, name: str, base: str = "", **overrides) -> tuple[dict, str]:
+    """The experiment's size (its QUICK or FULL dict) with each given flag's value put in, and the command that
+    reruns it: `overrides` maps a size key to (flag, value), None values left out."""
+    size = dict(module.QUICK if args.quick else module.FULL)
+    command = f"dpokit experiment {name}{base}"
+    for key, (flag, value) in overrides.items():
+        if value is not None:
+            size[key] = value
+            command += f" {flag} {value:g}"
+    return size, command + (" --quick" if args.quick else "")
+
+
 def add_frontier(experiments) -> tuple[argparse.ArgumentParser, list[argparse.Action]]:
     p = _experiment_parser(experiments, "frontier", "reward vs KL for DPO, IPO, cDPO, robust DPO and preferred-FT, "
                            "clean and with a fifth of the labels flipped (DPO paper, Fig. 2)",
@@ -101,12 +113,8 @@ def add_diffusion(experiments) -> tuple[argparse.ArgumentParser, list[argparse.A
 def _run_diffusion(args) -> None:
     from . import diffusion
 
-    size = dict(diffusion.QUICK if args.quick else diffusion.FULL)
-    if args.learning_rate is not None:
-        size["learning_rate"] = args.learning_rate
-    diffusion.run(args.out, size=size, seed=args.seed, docs_dir=args.docs,
-                  command="dpokit experiment diffusion" + (" --quick" if args.quick else "")
-                  + (f" --learning-rate {args.learning_rate:g}" if args.learning_rate is not None else ""))
+    size, command = _sized(args, diffusion, "diffusion", learning_rate=("--learning-rate", args.learning_rate))
+    diffusion.run(args.out, size=size, seed=args.seed, docs_dir=args.docs, command=command)
 
 
 def add_onestep(experiments) -> tuple[argparse.ArgumentParser, list[argparse.Action]]:
@@ -124,12 +132,9 @@ def add_onestep(experiments) -> tuple[argparse.ArgumentParser, list[argparse.Act
 def _run_onestep(args) -> None:
     from . import onestep
 
-    size = dict(onestep.QUICK if args.quick else onestep.FULL)
-    if args.lr is not None:
-        size["lr"] = args.lr
-    onestep.run(args.out, size=size, seed=args.seed, base_dir=args.base, docs_dir=args.docs,
-                command="dpokit experiment onestep" + (f" --base {args.base}" if args.base else "")
-                + (f" --lr {args.lr:g}" if args.lr is not None else "") + (" --quick" if args.quick else ""))
+    size, command = _sized(args, onestep, "onestep", base=f" --base {args.base}" if args.base else "",
+                           lr=("--lr", args.lr))
+    onestep.run(args.out, size=size, seed=args.seed, base_dir=args.base, docs_dir=args.docs, command=command)
 
 
 def add_policy(experiments) -> tuple[argparse.ArgumentParser, list[argparse.Action]]:
@@ -147,12 +152,8 @@ def add_policy(experiments) -> tuple[argparse.ArgumentParser, list[argparse.Acti
 def _run_policy(args) -> None:
     from . import policy
 
-    size = dict(policy.QUICK if args.quick else policy.FULL)
-    if args.pair_exploration is not None:
-        size["pair_exploration"] = args.pair_exploration
-    policy.run(args.out, size=size, seed=args.seed, docs_dir=args.docs,
-               command="dpokit experiment policy" + (" --quick" if args.quick else "")
-               + (f" --pair-exploration {args.pair_exploration:g}" if args.pair_exploration is not None else ""))
+    size, command = _sized(args, policy, "policy", pair_exploration=("--pair-exploration", args.pair_exploration))
+    policy.run(args.out, size=size, seed=args.seed, docs_dir=args.docs, command=command)
 
 
 def add_recommender(experiments) -> tuple[argparse.ArgumentParser, list[argparse.Action]]:
@@ -170,12 +171,8 @@ def add_recommender(experiments) -> tuple[argparse.ArgumentParser, list[argparse
 def _run_recommender(args) -> None:
     from . import recommender
 
-    size = dict(recommender.QUICK if args.quick else recommender.FULL)
-    if args.wm_patience is not None:
-        size["wm_patience"] = args.wm_patience
-    recommender.run(args.out, size=size, seed=args.seed, docs_dir=args.docs,
-                    command="dpokit experiment recommender" + (" --quick" if args.quick else "")
-                    + (f" --wm-patience {args.wm_patience}" if args.wm_patience is not None else ""))
+    size, command = _sized(args, recommender, "recommender", wm_patience=("--wm-patience", args.wm_patience))
+    recommender.run(args.out, size=size, seed=args.seed, docs_dir=args.docs, command=command)
 
 
 EXPERIMENTS = {"frontier": add_frontier, "secalign": add_secalign, "hierarchy": add_hierarchy,

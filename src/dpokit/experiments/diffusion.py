@@ -22,7 +22,6 @@ valid only when the base model's unwanted rate is at least 15%.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -30,10 +29,9 @@ import torch
 
 from ..config import TrainConfig
 from ..families import get_family
-from ..io import write_text
 from ..recipes.common import write_jsonl
 from ..train import train
-from . import write_docs
+from . import finish, say
 from .digits import CLASSES, SIZE, UNWANTED_BELOW, judge, load_mnist, measure, pil_to_tensor, train_base, \
     train_evaluator, unwanted
 
@@ -50,9 +48,6 @@ GOAL = {"unwanted_ratio": 0.5, "fid_ratio": 1.10, "diversity_ratio": 0.90, "base
 READING = "<!-- diffusion:reading -->"  # docs text after this marker is hand-written and survives a rerun
 PAIR_SEED, EVAL_SEED = 1, 2  # pairs and evaluation draw from different noise
 
-
-def _say(t0: float, msg: str) -> None:
-    print(f"[{time.time() - t0:6.0f}s] {msg}", flush=True)
 
 
 def draw(model_dir: str, n: int, seed: int, steps: int) -> tuple[torch.Tensor, torch.Tensor, list]:
@@ -128,21 +123,21 @@ def run(out_dir: str | Path = "runs/diffusion", size: dict | None = None, seed: 
     p_real, _ = judge(evaluator, ref_images, ref_labels)
     real = {**measure(evaluator, ref_images, ref_labels, ref_images),
             "accuracy": float((evaluator(ref_images).argmax(-1) == ref_labels).float().mean())}
-    _say(t0, f"evaluator: accuracy {real['accuracy']:.3f} on the reference digits, which it calls unwanted "
+    say(t0, f"evaluator: accuracy {real['accuracy']:.3f} on the reference digits, which it calls unwanted "
              f"{float(unwanted(p_real).float().mean()):.1%} of the time")
     base_dir = train_base(*digits.generator, out / "base", size["base_channels"], size["base_steps"], seed=seed)
-    _say(t0, f"base model: {size['base_steps']} steps on {len(digits.generator[1])} digits")
+    say(t0, f"base model: {size['base_steps']} steps on {len(digits.generator[1])} digits")
 
     x, asked, pil = draw(base_dir, size["pair_samples"], PAIR_SEED + 10 * seed, size["sample_steps"])
     p, _ = judge(evaluator, x, asked)
     pairs = make_pairs(p, asked, size["pair_samples"])
     data = write_pairs(pil, asked, pairs, out / "pairs")
-    _say(t0, f"{len(pairs)} pairs from {len(x)} base samples ({float(unwanted(p).float().mean()):.1%} unwanted)")
+    say(t0, f"{len(pairs)} pairs from {len(x)} base samples ({float(unwanted(p).float().mean()):.1%} unwanted)")
 
     models = {"base": base_dir,  # the order of the sample picture's blocks
               "sft": tune(base_dir, data, out / "sft", "sft", size, seed),
               "dpo": tune(base_dir, data, out / "dpo", "sigmoid", size, seed)}
-    _say(t0, "DPO and preferred-FT trained")
+    say(t0, "DPO and preferred-FT trained")
     results = {"command": command, "seed": seed, "size": {k: list(v) if isinstance(v, tuple) else v
                                                          for k, v in size.items()},
                "real": real, "pairs": len(pairs), "pair_samples": len(x)}
@@ -151,15 +146,13 @@ def run(out_dir: str | Path = "runs/diffusion", size: dict | None = None, seed: 
         x, asked, pil = draw(path, size["eval_samples"], EVAL_SEED + 10 * seed, size["sample_steps"])
         results[name] = measure(evaluator, x, asked, ref_images)
         grids[name] = [pil[c * size["eval_samples"]:c * size["eval_samples"] + 8] for c in range(CLASSES)]
-        _say(t0, f"{name}: " + ", ".join(f"{k} {v:.4g}" for k, v in results[name].items()))
+        say(t0, f"{name}: " + ", ".join(f"{k} {v:.4g}" for k, v in results[name].items()))
     results["verdict"] = verdict(results["base"], results["dpo"])
     results["minutes"] = round((time.time() - t0) / 60, 1)
     _write_grid(grids, out / "samples.png")
-    write_text(out / f"{NAME}.json", json.dumps(results, indent=2))
-    print(format_table(results))
     if docs_dir is not None:
         _write_grid(grids, Path(docs_dir) / "diffusion-digits.png")
-        write_docs(results, out, docs_dir, NAME, markdown_section(results), keep=READING)
+    finish(results, out, NAME, format_table(results), docs_dir, markdown_section(results), keep=READING)
     return results
 
 

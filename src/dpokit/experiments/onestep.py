@@ -20,7 +20,6 @@ The protocol (written into docs/experiments.md before the runs; `PROTOCOL` below
 from __future__ import annotations
 
 import copy
-import json
 import time
 from pathlib import Path
 
@@ -28,8 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ..drpo import OneStepUNet, OnlineOneStepConfig, frozen_copy, train_drpo
-from ..io import write_text
-from . import write_docs
+from . import finish, say
 from .diffusion import FULL as DIFFUSION_FULL
 from .digits import CLASSES, SIZE, judge, load_mnist, measure, train_base, train_evaluator
 
@@ -41,9 +39,6 @@ QUICK = dict(FULL, distil_samples=8, distil_steps=20, sample_steps=4, steps=6, n
 DISTIL_SEED, EVAL_SEED = 3, 2
 READING = "<!-- onestep:reading -->"  # docs text after this marker is hand-written and survives a rerun  # distillation noise apart from the evaluation noise
 
-
-def _say(t0: float, msg: str) -> None:
-    print(f"[{time.time() - t0:6.0f}s] {msg}", flush=True)
 
 
 def load_base(base_dir: str):
@@ -123,16 +118,16 @@ def run(out_dir: str | Path = "runs/onestep", size: dict | None = None, seed: in
     if base_dir is None:
         base_dir = train_base(*digits.generator, out / "base", DIFFUSION_FULL["base_channels"],
                               DIFFUSION_FULL["base_steps"], seed=seed)
-        _say(t0, "base model trained")
+        say(t0, "base model trained")
     unet, scheduler = load_base(base_dir)
 
     n = size["distil_samples"] * CLASSES
     asked = torch.arange(CLASSES).repeat(size["distil_samples"])
     noise = torch.randn((n, 1, SIZE, SIZE), generator=torch.Generator().manual_seed(DISTIL_SEED + 10 * seed))
     targets = ddim_targets(unet, scheduler, noise, asked, size["sample_steps"])
-    _say(t0, f"{n} DDIM targets from the base")
+    say(t0, f"{n} DDIM targets from the base")
     g0 = distil(unet, scheduler, noise, asked, targets, size["distil_steps"], size["distil_lr"], seed)
-    _say(t0, f"one-step generator distilled ({size['distil_steps']} steps)")
+    say(t0, f"one-step generator distilled ({size['distil_steps']} steps)")
 
     def reward(images, prompts):  # only called: a ranking by the judge's probability of the asked digit
         return judge(evaluator, images.clamp(-1, 1), torch.tensor(prompts))[0]
@@ -154,14 +149,11 @@ def run(out_dir: str | Path = "runs/onestep", size: dict | None = None, seed: in
                                   base=frozen_copy(g0), log_path=str(out / f"{method}.jsonl"))
         x, _ = one_step_samples(gen.eval(), size["eval_samples"], EVAL_SEED + 10 * seed)
         results[method] = measure(evaluator, x, asked_eval, ref_images)
-        _say(t0, f"{method}: " + ", ".join(f"{k} {v:.4g}" for k, v in results[method].items()))
-    _say(t0, "one-step base: " + ", ".join(f"{k} {v:.4g}" for k, v in results["onestep_base"].items()))
+        say(t0, f"{method}: " + ", ".join(f"{k} {v:.4g}" for k, v in results[method].items()))
+    say(t0, "one-step base: " + ", ".join(f"{k} {v:.4g}" for k, v in results["onestep_base"].items()))
     results["verdict"] = verdict(results["drpo"], results["dpo"], results["onestep_base"])
     results["minutes"] = round((time.time() - t0) / 60, 1)
-    write_text(out / f"{NAME}.json", json.dumps(results, indent=2))
-    print(format_table(results))
-    if docs_dir is not None:
-        write_docs(results, out, docs_dir, NAME, markdown_section(results), keep=READING)
+    finish(results, out, NAME, format_table(results), docs_dir, markdown_section(results), keep=READING)
     return results
 
 

@@ -18,7 +18,6 @@ model + SB3 PPO) is not implemented here yet.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -27,10 +26,9 @@ import torch
 
 from ..config import TrainConfig
 from ..families import get_family
-from ..io import write_text
 from ..recipes.rollouts import rollout_pairs, write
 from ..train import train
-from . import write_docs
+from . import finish, say, training_log
 from . import reacher as R
 
 NAME = "policy"
@@ -70,9 +68,6 @@ DEMO_SEED, PAIR_SEED, EVAL_SEED = 1_000, 2_000, 3_000
 PAIR_ENVS = 40
 
 
-def _say(t0: float, msg: str) -> None:
-    print(f"[{time.time() - t0:6.0f}s] {msg}", flush=True)
-
 
 def _seeds(seed: int) -> tuple[int, int, int]:
     return DEMO_SEED + 10_000 * seed, PAIR_SEED + 10_000 * seed, EVAL_SEED + 10_000 * seed
@@ -100,14 +95,7 @@ def tune(bc_dir: str, data: Path, out: Path, loss_type: str, size: dict, seed: i
                       lr_scheduler_type="constant", num_train_epochs=size["epochs"],
                       per_device_train_batch_size=size["batch_size"], logging_steps=5, save_steps=10 ** 6,
                       seed=seed, disable_tqdm=True, ref_cache_dir=str(out.parent / "cache"), **extra)
-    result = train(cfg)
-    keep = ("loss", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected")
-    rows = [r for r in result.history if "loss" in r]
-    log = {"steps": result.global_step}
-    if rows:
-        log["first"] = {k: rows[0][k] for k in keep if k in rows[0]}
-        log["last"] = {k: rows[-1][k] for k in keep if k in rows[-1]}
-    return str(out), log
+    return str(out), training_log(train(cfg))
 
 
 def evaluate(path: str, episodes: int, seed: int) -> tuple[dict, dict]:
@@ -152,10 +140,10 @@ def run(out_dir: str | Path = "runs/policy", size: dict | None = None, seed: int
     demo_seed, pair_seed, eval_seed = _seeds(seed)
     demos = R.demonstrations(size["demo_episodes"], demo_seed)
     demonstrator = R.measures(demos)
-    _say(t0, f"demonstrator: {size['demo_episodes']} episodes ({demos['actions'].shape[0] * demos['actions'].shape[1]}"
+    say(t0, f"demonstrator: {size['demo_episodes']} episodes ({demos['actions'].shape[0] * demos['actions'].shape[1]}"
              f" steps), " + ", ".join(f"{k} {v:.4g}" for k, v in demonstrator.items()))
-    bc_dir, bc_losses = train_bc(demos, out / "bc", size, seed, say=lambda m: _say(t0, m))
-    _say(t0, f"BC: {size['bc_steps']} steps, NLL {bc_losses[0]:.3f} -> {bc_losses[-1]:.3f}")
+    bc_dir, bc_losses = train_bc(demos, out / "bc", size, seed, say=lambda m: say(t0, m))
+    say(t0, f"BC: {size['bc_steps']} steps, NLL {bc_losses[0]:.3f} -> {bc_losses[-1]:.3f}")
 
     policy, _ = get_family("policy").load_trained(bc_dir)
     if size.get("pair_exploration") is not None:
@@ -168,7 +156,7 @@ def run(out_dir: str | Path = "runs/policy", size: dict | None = None, seed: int
     rejected = np.array([r["rejected"]["info"]["jerk"] for r in built.rows])
     pairs = {"pairs": len(built.rows), "segments": int(built.counts["segments"]), "ties": int(built.counts["ties"]),
              "chosen_jerk": float(chosen.mean()), "rejected_jerk": float(rejected.mean())}
-    _say(t0, f"{len(built.rows)} pairs from {built.steps} BC rollout steps: mean segment jerk chosen "
+    say(t0, f"{len(built.rows)} pairs from {built.steps} BC rollout steps: mean segment jerk chosen "
              f"{pairs['chosen_jerk']:.3g}, rejected {pairs['rejected_jerk']:.3g}")
 
     models, logs, cpu = {"bc": bc_dir}, {}, {}
@@ -177,7 +165,7 @@ def run(out_dir: str | Path = "runs/policy", size: dict | None = None, seed: int
         models[key], logs[key] = tune(bc_dir, data, out / key, loss_type, size, seed)
         cpu[key] = round(time.process_time() - c0, 1)
         first, last = logs[key].get("first", {}), logs[key].get("last", {})
-        _say(t0, f"{key}: {logs[key]['steps']} steps; " + ", ".join(
+        say(t0, f"{key}: {logs[key]['steps']} steps; " + ", ".join(
             f"{k} {first[k]:.4g} -> {last[k]:.4g}" for k in first if k in last))
 
     results = {"command": command, "seed": seed, "size": dict(size), "demonstrator": demonstrator,
@@ -186,24 +174,22 @@ def run(out_dir: str | Path = "runs/policy", size: dict | None = None, seed: int
     for key, path in models.items():
         results[key], ep = evaluate(path, size["eval_episodes"], eval_seed)
         traces[key] = {"qpos": ep["qpos"][0], "actions": ep["actions"][0]}
-        _say(t0, f"{key}: " + ", ".join(f"{k} {v:.4g}" for k, v in results[key].items()))
+        say(t0, f"{key}: " + ", ".join(f"{k} {v:.4g}" for k, v in results[key].items()))
     if size.get("rlhf"):
         from .rlhf import run_rlhf
 
-        _say(t0, "RLHF arm: reward model, then PPO")
+        say(t0, "RLHF arm: reward model, then PPO")
         with np.load(data) as arrays:
-            results["rlhf"] = run_rlhf(dict(arrays), demos, size, seed, eval_seed, say=lambda m: _say(t0, m))
+            results["rlhf"] = run_rlhf(dict(arrays), demos, size, seed, eval_seed, say=lambda m: say(t0, m))
     results["verdict"] = {key: verdict(results["bc"], results[key]) for key in ("dpo", "cpl", "sft", "rlhf")
                           if key in results}
     results["minutes"] = round((time.time() - t0) / 60, 1)
     results["cpu_minutes"] = round((time.process_time() - cpu0) / 60, 1)
     frames = _frames({k: models[k] for k in ("bc", "dpo", "cpl")}, eval_seed)
     _picture(traces, frames, out / "policy-reacher.png")
-    write_text(out / f"{NAME}.json", json.dumps(results, indent=2))
-    print(format_table(results))
     if docs_dir is not None:
         _picture(traces, frames, Path(docs_dir) / "policy-reacher.png")
-        write_docs(results, out, docs_dir, NAME, markdown_section(results), keep=READING)
+    finish(results, out, NAME, format_table(results), docs_dir, markdown_section(results), keep=READING)
     return results
 
 

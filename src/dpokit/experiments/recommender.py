@@ -30,7 +30,7 @@ from ..families import get_family
 from ..io import write_text
 from ..ranking import coverage, exposure_gini, hit_rate_at_k, ndcg_at_k
 from ..train import train
-from . import recsim, write_docs
+from . import finish, recsim, say, training_log
 
 NAME = "recommender"
 FULL = dict(users=500, items=300, dim=8, shown=30, rating_noise=0.5, high=4.0, low=2.0, wm_patience=3,
@@ -46,9 +46,6 @@ TUNED = (("dpo", "sigmoid"), ("sdpo", "sdpo"), ("dmpo", "dmpo"))
 MEASURES = ("utility", "true_utility", "ndcg@10", "hr@10", "coverage", "gini")
 READING = "<!-- recommender:reading -->"  # docs text after this marker is hand-written and survives a rerun
 
-
-def _say(t0: float, msg: str) -> None:
-    print(f"[{time.time() - t0:6.0f}s] {msg}", flush=True)
 
 
 def _write_jsonl(rows: list[dict], path: Path) -> Path:
@@ -74,17 +71,7 @@ def train_bc(rows_path: Path, catalogue: Path, out: Path, size: dict, seed: int)
                       per_device_train_batch_size=size["bc_batch"], logging_steps=10, save_steps=10 ** 6,
                       seed=seed, disable_tqdm=True, report_to=[], ref_cache_dir=str(out.parent / "cache-bc"),
                       family_config={"item_catalogue": str(catalogue)})
-    return str(out), _log(train(cfg))
-
-
-def _log(result) -> dict:
-    keep = ("loss", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected")
-    rows = [r for r in result.history if "loss" in r]
-    log = {"steps": result.global_step}
-    if rows:
-        log["first"] = {k: rows[0][k] for k in keep if k in rows[0]}
-        log["last"] = {k: rows[-1][k] for k in keep if k in rows[-1]}
-    return log
+    return str(out), training_log(train(cfg))
 
 
 def tune(bc_dir: str, data: Path, out: Path, loss_type: str, size: dict, seed: int) -> tuple[str, dict]:
@@ -94,7 +81,7 @@ def tune(bc_dir: str, data: Path, out: Path, loss_type: str, size: dict, seed: i
                       lr_scheduler_type="constant", num_train_epochs=size["epochs"],
                       per_device_train_batch_size=size["batch_size"], logging_steps=5, save_steps=10 ** 6,
                       seed=seed, disable_tqdm=True, report_to=[], ref_cache_dir=str(out.parent / "cache"))
-    return str(out), _log(train(cfg))
+    return str(out), training_log(train(cfg))
 
 
 def label_groups(world, train_rows: list[dict], size: dict, seed: int) -> tuple[list[dict], list[dict]]:
@@ -176,22 +163,22 @@ def run(out_dir: str | Path = "runs/recommender", size: dict | None = None, seed
     write_text(out / "items.csv", "item\n" + "".join(f"{i}\n" for i in sim.items))
     items = sim.items
     ratings = np.array([r["rating"] for r in log_rows])
-    _say(t0, f"log: {len(log_rows)} events, {size['users']} users, {size['items']} items; mean rating "
+    say(t0, f"log: {len(log_rows)} events, {size['users']} users, {size['items']} items; mean rating "
              f"{ratings.mean():.2f}, rated ≥ {size['high']:g}: {(ratings >= size['high']).mean():.1%}")
 
     splits = build_interactions(log, out / "items.csv", out / "rows.jsonl", size, seed)
     data = {k: len(v) for k, v in splits.items()}
-    _say(t0, f"interactions: " + ", ".join(f"{k} {v}" for k, v in data.items()))
+    say(t0, "interactions: " + ", ".join(f"{k} {v}" for k, v in data.items()))
 
     torch.manual_seed(seed)
     world, fidelity = fit_world_model(str(log), items=items,
                                       config=FitConfig(patience=size["wm_patience"], seed=seed),
                                       engaged_threshold=size["engaged_threshold"])
-    _say(t0, "world model: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+    say(t0, "world model: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                          for k, v in fidelity.items()))
 
     bc_dir, bc_log = train_bc(out / "rows.jsonl", catalogue, out / "bc", size, seed)
-    _say(t0, f"bc: {bc_log['steps']} steps; loss {bc_log.get('first', {}).get('loss', float('nan')):.4g} -> "
+    say(t0, f"bc: {bc_log['steps']} steps; loss {bc_log.get('first', {}).get('loss', float('nan')):.4g} -> "
              f"{bc_log.get('last', {}).get('loss', float('nan')):.4g}")
 
     with torch.no_grad():
@@ -203,7 +190,7 @@ def run(out_dir: str | Path = "runs/recommender", size: dict | None = None, seed
                  "ties_dropped": len(splits["train"]) - len(pairs),
                  "true_utility_gap": float(np.mean(sims)) if sims else None,
                  "true_agreement": float(np.mean([s > 0 for s in sims])) if sims else None}
-    _say(t0, f"{len(pairs)} labelled contexts; chosen above rejected under the simulator: "
+    say(t0, f"{len(pairs)} labelled contexts; chosen above rejected under the simulator: "
              f"{pair_data['true_agreement']:.1%} (mean true-utility gap {pair_data['true_utility_gap']:.3f})")
 
     models, logs = {"bc": bc_dir}, {"bc": bc_log}
@@ -211,7 +198,7 @@ def run(out_dir: str | Path = "runs/recommender", size: dict | None = None, seed
         models[key], logs[key] = tune(bc_dir, pair_path if key == "dpo" else group_path, out / key, loss_type,
                                       size, seed)
         first, last = logs[key].get("first", {}), logs[key].get("last", {})
-        _say(t0, f"{key}: {logs[key]['steps']} steps; " + ", ".join(
+        say(t0, f"{key}: {logs[key]['steps']} steps; " + ", ".join(
             f"{k} {first[k]:.4g} -> {last[k]:.4g}" for k in first if k in last))
 
     results = {"command": command, "seed": seed, "size": dict(size), "data": data, "world_model": fidelity,
@@ -220,17 +207,14 @@ def run(out_dir: str | Path = "runs/recommender", size: dict | None = None, seed
     with torch.no_grad():
         for key, path in models.items():
             results[key] = measure(recommender_policy(path, size["k"]), world, sim, test, items, size, seed)
-            _say(t0, f"{key}: " + ", ".join(f"{m} {results[key][m]:.4g}" for m in MEASURES))
+            say(t0, f"{key}: " + ", ".join(f"{m} {results[key][m]:.4g}" for m in MEASURES))
         results["greedy"] = measure(greedy_policy(world, items, k=size["k"]), world, sim, test, items, size, seed)
-        _say(t0, "greedy: " + ", ".join(f"{m} {results['greedy'][m]:.4g}" for m in MEASURES))
+        say(t0, "greedy: " + ", ".join(f"{m} {results['greedy'][m]:.4g}" for m in MEASURES))
     results["verdict"] = {key: verdict(results["bc"], results[key]) for key, _ in TUNED}
     results["collapse_claim"] = collapse(results["bc"], results["greedy"])
     results["sdpo_vs_dpo"] = compare_sdpo_dpo(results["dpo"], results["sdpo"])
     results["minutes"] = round((time.time() - t0) / 60, 1)
-    write_text(out / f"{NAME}.json", json.dumps(results, indent=2))
-    print(format_table(results))
-    if docs_dir is not None:
-        write_docs(results, out, docs_dir, NAME, markdown_section(results), keep=READING)
+    finish(results, out, NAME, format_table(results), docs_dir, markdown_section(results), keep=READING)
     return results
 
 
