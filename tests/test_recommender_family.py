@@ -51,7 +51,7 @@ def every_item_row() -> dict:
 
 def config(tmp_path: Path, data: Path, **kw) -> TrainConfig:
     own = dict(SMALL)
-    own.update({k: kw.pop(k) for k in list(kw) if k in own or k in ("item_catalogue", "score_over")})
+    own.update({k: kw.pop(k) for k in list(kw) if k in own or k in ("item_catalogue", "score_over", "eval_top_k")})
     settings = dict(family="recommender", train_data=str(data), output_dir=str(tmp_path / "out"), beta=0.5,
                     learning_rate=1e-2, max_steps=1, per_device_train_batch_size=16, logging_steps=1, report_to=[],
                     disable_tqdm=True, save_steps=0, seed=3, ref_cache_dir=str(tmp_path / "cache"))
@@ -302,3 +302,73 @@ def test_eval_reproduces_the_loops_last_evaluation(tmp_path, capsys):
     result = json.loads(capsys.readouterr().out)["preference"]
     for key in ("loss", "rewards/margins", "logps/chosen"):
         assert result[key] == pytest.approx(last[f"eval_{key}"], rel=1e-5, abs=1e-6), key
+
+
+# ---------------------------------------------------------------- list metrics: the collapse guards on the report
+
+
+class FixedLogits(torch.nn.Module):
+    """Every context gets the same logits (a recommender that shows everyone the same items), or per-context
+    random ones (`varied`)."""
+
+    def __init__(self, n_items: int, varied: bool = False):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.arange(n_items, dtype=torch.float))
+        self.varied = varied
+
+    def forward(self, history):
+        logits = self.w.expand(history.shape[0], -1).clone()
+        if self.varied:
+            g = torch.Generator().manual_seed(int(history.sum()))
+            logits = logits + 100 * torch.rand(logits.shape, generator=g)
+        return logits
+
+
+def _eval_examples(items: Items, n: int = 40):
+    return load_examples([dict(r, rejected=r["rejected"]) for r in sequences(n, seed=5)], items, 8)
+
+
+def test_list_metrics_tell_a_collapsed_recommender_from_a_varied_one():
+    from dpokit.families.recommender.lists import list_metrics
+
+    items = Items([str(i) for i in range(N)], "test")
+    examples = _eval_examples(items)
+    same = list_metrics(FixedLogits(items.n_items).eval(), items, examples, k=3)
+    varied = list_metrics(FixedLogits(items.n_items, varied=True).eval(), items, examples, k=3)
+    # everyone is shown the top 3 logits minus their history: few items, unequally exposed
+    assert same["coverage@3"] < varied["coverage@3"]
+    assert same["gini@3"] > varied["gini@3"]
+    assert set(same) == {"ndcg@3", "hr@3", "coverage@3", "gini@3", "popularity@3"}  # no genres: no ILD
+    # HR@3 by hand: the chosen item among the three highest-index items outside the history
+    hits = [ex.chosen in sorted(set(range(1, N + 1)) - set(ex.history))[-3:] for ex in examples]
+    assert same["hr@3"] == pytest.approx(sum(hits) / len(hits))
+
+
+def test_genre_diversity_from_a_recbole_item_file(tmp_path):
+    from dpokit.families.recommender.lists import genre_distance, list_metrics, read_genres
+
+    path = tmp_path / "cat.item"
+    path.write_text("item_id:token\ttitle:token_seq\tclass:token_seq\n" + "".join(
+        f"{i}\tfilm {i}\t{'Comedy' if i % 2 else 'Drama'}{' Romance' if i % 3 == 0 else ''}\n" for i in range(N)))
+    genres = read_genres(str(path))
+    assert genres["3"] == {"Comedy", "Romance"} and genres["4"] == {"Drama"}
+    d = genre_distance(genres)
+    assert d("3", "9") == 0.0 and d("3", "1") == pytest.approx(0.5) and d("3", "4") == 1.0
+    items = read_catalogue(str(path))
+    out = list_metrics(FixedLogits(items.n_items).eval(), items, _eval_examples(items), k=2, genres=genres)
+    assert 0.0 <= out["ild@2"] <= 1.0
+    assert read_genres(str(tmp_path / "none.txt")) is None
+
+
+def test_the_loop_logs_list_metrics_from_the_start_and_the_report_plots_them(tmp_path):
+    from dpokit.report import write_report
+
+    data = write(sequences(32, k=2) + [every_item_row()], tmp_path / "train.jsonl")
+    held_out = write(sequences(8, seed=2, k=2), tmp_path / "eval.jsonl")
+    cfg = config(tmp_path, data, loss_type="sdpo", max_steps=6, eval_data=str(held_out), eval_steps=3,
+                 eval_on_start=True, eval_top_k=4)
+    rows = [r for r in Loop(cfg).run().history if "eval_coverage@4" in r]
+    assert [r["step"] for r in rows] == [0, 3, 6]
+    assert all(0 < r["eval_coverage@4"] <= 1 and 0 <= r["eval_gini@4"] <= 1 for r in rows)
+    html = write_report(tmp_path / "out").read_text()
+    assert "eval_coverage@4" in html and "eval_gini@4" in html

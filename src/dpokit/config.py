@@ -62,6 +62,7 @@ class TrainConfig:
     output_dir: str = "runs/dpo"
     logging_steps: int = 10
     eval_steps: int | None = None
+    eval_on_start: bool = False  # one eval before the first step (transformers' name): the curves' starting point
     save_steps: int = 500
     save_total_limit: int | None = 2
     resume_from_checkpoint: bool | str = False

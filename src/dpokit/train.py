@@ -345,8 +345,12 @@ class Loop:
                 _, metrics = self._loss(self._batch(self.eval_examples, indices, self.ref_eval))
                 for k, v in metrics.items():
                     means.add(k, v, counted)
+            row = means.means(self.acc)
+            if "list_metrics" in self.family.capabilities:  # of all the lists at once: every rank the same
+                model = self.acc.unwrap_model(self.scorer).model
+                row.update(self.family.list_metrics(model, self.processor, self.eval_examples, self.cfg))
         self.scorer.train()
-        return {f"eval_{k}": v for k, v in means.means(self.acc).items()}
+        return {f"eval_{k}": v for k, v in row.items()}
 
     def _step(self, order: list[int], pos: int, means: _Means, step: int, epoch: int) -> int:
         """One optimizer step over the pairs order[pos:pos + global batch]; returns the new position."""
@@ -426,6 +430,8 @@ class Loop:
         step, epoch, pos = state["global_step"], state["epoch"], state["pos"]
         n = len(self.train_examples)
         bar = tqdm(total=self.total_steps, initial=step, desc="dpo", disable=cfg.disable_tqdm or not acc.is_main_process)
+        if cfg.eval_on_start and step == 0:
+            self._log_eval(0, sinks, history)
         self.scorer.train()
         while step < self.total_steps:
             order = self._order(epoch)

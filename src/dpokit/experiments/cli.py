@@ -6,7 +6,7 @@
     dpokit experiment diffusion [--out DIR] [--docs DIR] [--seed N] [--quick]
     dpokit experiment onestep [--base DIR] [--out DIR] [--docs DIR] [--seed N] [--quick]
     dpokit experiment policy [--out DIR] [--docs DIR] [--seed N] [--quick]
-    dpokit experiment recommender [--out DIR] [--docs DIR] [--seed N] [--quick]
+    dpokit experiment recommender [--data LOG [--items FILE]] [--out DIR] [--docs DIR] [--seed N] [--quick]
 
 Another experiment's flag is refused while the command line is parsed, before anything runs, in one line that
 names the experiment it belongs to. An experiment's module is imported only when it runs.
@@ -157,22 +157,34 @@ def _run_policy(args) -> None:
 
 
 def add_recommender(experiments) -> tuple[argparse.ArgumentParser, list[argparse.Action]]:
-    p = _experiment_parser(experiments, "recommender", "DPO, S-DPO and DMPO for a recommender against a world model, "
-                           "on synthetic logs from a known simulator: utility, true utility, NDCG@10, coverage "
-                           "(BC and the greedy argmax beside them). Synthetic only for now: --data for real logs "
-                           "(MovieLens-100K) is not built yet",
+    p = _experiment_parser(experiments, "recommender", "DPO, S-DPO and DMPO for a recommender against a world model: "
+                           "utility in world-model rollouts, NDCG@10, coverage and the other collapse guards (BC and "
+                           "the greedy argmax beside them), on synthetic logs from a known simulator (true utility "
+                           "too) or, with --data, on a real log read in place",
                            out="the log, rows, models and recommender.json", docs="its section")
     wm = p.add_argument("--wm-patience", type=int, metavar="N",
                         help="the world model's early-stopping patience in epochs (default: the protocol's 3)")
+    data = p.add_argument("--data", metavar="LOG",
+                          help="a real interaction log with ratings (CSV/TSV/Parquet, RecBole .inter), e.g. "
+                               "MovieLens-100K inside the recbole wheel: recbole/dataset_example/ml-100k/ml-100k.inter")
+    items = p.add_argument("--items", metavar="FILE",
+                           help="with --data: the catalogue (RecBole .item, CSV with an item column, or one id a "
+                                "line); a genre column adds intra-list diversity")
     p.set_defaults(experiment_run=_run_recommender)
-    return p, [wm]
+    return p, [wm, data, items]
 
 
 def _run_recommender(args) -> None:
     from . import recommender
 
+    if args.items and not args.data:
+        raise DpokitError("--items goes with --data (the synthetic demo has its own catalogue)")
     size, command = _sized(args, recommender, "recommender", wm_patience=("--wm-patience", args.wm_patience))
-    recommender.run(args.out, size=size, seed=args.seed, docs_dir=args.docs, command=command)
+    if args.data:
+        command += f" --data {args.data}" + (f" --items {args.items}" if args.items else "")
+    out = args.out if args.out != "runs/recommender" or not args.data else "runs/recommender-data"
+    recommender.run(out, size=size, seed=args.seed, docs_dir=args.docs, command=command, data=args.data,
+                    items_file=args.items)
 
 
 EXPERIMENTS = {"frontier": add_frontier, "secalign": add_secalign, "hierarchy": add_hierarchy,
@@ -197,9 +209,14 @@ class _BelongsElsewhere(argparse.Action):
 
 
 def _refuse_each_others_flags(parsers: dict[str, tuple[argparse.ArgumentParser, list[argparse.Action]]]) -> None:
-    """Give every experiment's subcommand the other experiments' own flags as `_BelongsElsewhere`."""
-    for here, (parser, _) in parsers.items():
+    """Give every experiment's subcommand the other experiments' own flags as `_BelongsElsewhere` (a flag two
+    experiments both have, as --data, stays each one's own)."""
+    for here, (parser, mine) in parsers.items():
+        taken = {s for a in mine for s in a.option_strings}
         for owner, (_, own) in parsers.items():
             for action in own if owner != here else ():
+                if taken & set(action.option_strings):
+                    continue
+                taken |= set(action.option_strings)
                 parser.add_argument(*action.option_strings, action=_BelongsElsewhere, nargs=action.nargs,
                                     owner=owner, here=here, about=action.help)

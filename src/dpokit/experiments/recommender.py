@@ -1,5 +1,6 @@
 """Recommenders: DPO against a world model, without collapse (issue 18's demo; `dpokit demo recommender`, and
-`dpokit experiment recommender`, the same protocol, synthetic logs only for now).
+`dpokit experiment recommender`, the same protocol; `--data LOG` runs it on a real log, its own protocol in
+docs/experiments.md, `PROTOCOL_DATA` below).
 
 The protocol (committed in docs/experiments.md before the first run; `PROTOCOL` below is that text, verbatim):
 
@@ -26,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import TrainConfig
+from ..errors import DpokitError
 from ..families import get_family
 from ..io import write_text
 from ..ranking import coverage, exposure_gini, hit_rate_at_k, ndcg_at_k
@@ -43,8 +45,10 @@ GOAL = {"utility_ratio": 1.10, "coverage_ratio": 0.90}
 METHODS = (("bc", "BC (unaligned)"), ("dpo", "DPO"), ("sdpo", "S-DPO"), ("dmpo", "DMPO"),
            ("greedy", "greedy (world model)"))
 TUNED = (("dpo", "sigmoid"), ("sdpo", "sdpo"), ("dmpo", "dmpo"))
-MEASURES = ("utility", "true_utility", "ndcg@10", "hr@10", "coverage", "gini")
+MEASURES = ("utility", "true_utility", "ndcg@10", "hr@10", "coverage", "gini", "popularity", "ild")
 READING = "<!-- recommender:reading -->"  # docs text after this marker is hand-written and survives a rerun
+NAME_DATA = "recommender-data"  # the real-log run's json and docs section
+READING_DATA = "<!-- recommender-data:reading -->"
 
 
 
@@ -53,13 +57,14 @@ def _write_jsonl(rows: list[dict], path: Path) -> Path:
     return path
 
 
-def build_interactions(log: Path, catalogue_csv: Path, out: Path, size: dict, seed: int) -> dict[str, list[dict]]:
+def build_interactions(log: Path, catalogue: Path | None, out: Path, size: dict, seed: int) -> dict[str, list[dict]]:
     """`dpokit data build interactions` on the log (its Python functions): rating negatives, leave-last-out, the
-    simulator's catalogue as `--items`; writes OUT (+ .valid/.test) and returns the rows of each split."""
+    catalogue as `--items`, same-time events in the file's order; writes OUT (+ .valid/.test) and returns the rows
+    of each split."""
     from ..recipes.interactions import interactions_to_rows, write
 
-    built = interactions_to_rows(log, negatives="rating", split="leave-last-out", items=catalogue_csv,
-                                 high=size["high"], low=size["low"], seed=seed)
+    built = interactions_to_rows(log, negatives="rating", split="leave-last-out", items=catalogue,
+                                 high=size["high"], low=size["low"], on_duplicate_time="keep-file-order", seed=seed)
     write(built, out)
     return built.splits
 
@@ -74,13 +79,19 @@ def train_bc(rows_path: Path, catalogue: Path, out: Path, size: dict, seed: int)
     return str(out), training_log(train(cfg))
 
 
-def tune(bc_dir: str, data: Path, out: Path, loss_type: str, size: dict, seed: int) -> tuple[str, dict]:
-    """DPO, S-DPO or DMPO from the BC policy (the reference) through dpokit's loop."""
+def tune(bc_dir: str, data: Path, out: Path, loss_type: str, size: dict, seed: int, catalogue: Path,
+         eval_rows: Path) -> tuple[str, dict]:
+    """DPO, S-DPO or DMPO from the BC policy (the reference) through dpokit's loop; the validation rows evaluated
+    from the start and every epoch, so report.html plots the collapse guards over training."""
+    rows = sum(1 for _ in open(data, encoding="utf-8"))
     cfg = TrainConfig(model=bc_dir, family="recommender", train_data=str(data), output_dir=str(out),
                       loss_type=loss_type, beta=size["beta"], learning_rate=size["learning_rate"],
                       lr_scheduler_type="constant", num_train_epochs=size["epochs"],
                       per_device_train_batch_size=size["batch_size"], logging_steps=5, save_steps=10 ** 6,
-                      seed=seed, disable_tqdm=True, report_to=[], ref_cache_dir=str(out.parent / "cache"))
+                      seed=seed, disable_tqdm=True, report_to=["jsonl"], ref_cache_dir=str(out.parent / "cache"),
+                      eval_data=str(eval_rows), eval_on_start=True,
+                      eval_steps=max(1, -(-rows // size["batch_size"])),
+                      family_config={"item_catalogue": str(catalogue), "eval_top_k": size["k"]})
     return str(out), training_log(train(cfg))
 
 
@@ -97,9 +108,12 @@ def label_groups(world, train_rows: list[dict], size: dict, seed: int) -> tuple[
     return pairs, groups
 
 
-def measure(recommend, world, sim: recsim.Simulator, test_rows: list[dict], items: list[str], size: dict,
-            seed: int) -> dict:
-    """The protocol's measures of one policy (histories → top-k lists) on the test contexts."""
+def measure(recommend, world, sim: recsim.Simulator | None, test_rows: list[dict], items: list[str], size: dict,
+            seed: int, popularity: dict[str, float], genres: dict | None = None) -> dict:
+    """The protocol's measures of one policy (histories → top-k lists) on the test contexts; the true utility
+    where a simulator knows it, the genre diversity where the catalogue has genres."""
+    from ..families.recommender.lists import genre_distance
+    from ..ranking import intra_list_diversity, popularity_bias
     from ..worldmodel import evaluate_policy
 
     k, users = size["k"], [r["user"] for r in test_rows]
@@ -108,11 +122,15 @@ def measure(recommend, world, sim: recsim.Simulator, test_rows: list[dict], item
     targets = [r["chosen"] for r in test_rows]
     roll = evaluate_policy(world, recommend, histories, horizon=size["horizon"], k=k, seed=seed)
     owners = users * size["horizon"]  # `taken`: step by step, history by history
-    true = [sim.true_utility_of(u, i) for u, i in zip(owners, roll["taken"])]
-    return {"utility": roll["utility"], "true_utility": float(np.mean(true)),
-            "ndcg@10": ndcg_at_k(lists, targets, k), "hr@10": hit_rate_at_k(lists, targets, k),
-            "coverage": coverage(lists, len(items), k), "gini": exposure_gini(lists, items, k),
-            "test_contexts": len(test_rows)}
+    out = {"utility": roll["utility"],
+           "ndcg@10": ndcg_at_k(lists, targets, k), "hr@10": hit_rate_at_k(lists, targets, k),
+           "coverage": coverage(lists, len(items), k), "gini": exposure_gini(lists, items, k),
+           "popularity": popularity_bias(lists, popularity, k), "test_contexts": len(test_rows)}
+    if sim is not None:
+        out["true_utility"] = float(np.mean([sim.true_utility_of(u, i) for u, i in zip(owners, roll["taken"])]))
+    if genres:
+        out["ild"] = intra_list_diversity(lists, genre_distance(genres), k)
+    return out
 
 
 def recommender_policy(path: str, k: int = 10):
@@ -122,11 +140,12 @@ def recommender_policy(path: str, k: int = 10):
 
 
 def verdict(bc: dict, method: dict) -> dict:
-    """The decision rule applied to one method's figures against BC's."""
+    """The decision rule applied to one method's figures against BC's (the true utility where it is known)."""
     checks = {"utility_up_10pct": method["utility"] >= GOAL["utility_ratio"] * bc["utility"] - 1e-12,
               "ndcg_kept": method["ndcg@10"] >= bc["ndcg@10"],
-              "coverage_kept": method["coverage"] >= GOAL["coverage_ratio"] * bc["coverage"] - 1e-12,
-              "true_utility_up": method["true_utility"] > bc["true_utility"]}
+              "coverage_kept": method["coverage"] >= GOAL["coverage_ratio"] * bc["coverage"] - 1e-12}
+    if "true_utility" in bc:
+        checks["true_utility_up"] = method["true_utility"] > bc["true_utility"]
     return {**checks, "met": all(checks.values())}
 
 
@@ -135,47 +154,102 @@ def collapse(bc: dict, greedy: dict) -> bool:
     return greedy["coverage"] < bc["coverage"]
 
 
+LOWER_AHEAD = ("gini", "popularity")
+
+
 def compare_sdpo_dpo(dpo: dict, sdpo: dict) -> dict:
-    """Which is ahead on each measure (the Gini: lower is ahead)."""
+    """Which is ahead on each measure both have (the Gini and popularity bias: lower is ahead)."""
     out = {}
-    for m in MEASURES:
+    for m in (m for m in MEASURES if m in dpo and m in sdpo):
         a, b = sdpo[m], dpo[m]
-        out[m] = "tie" if a == b else ("sdpo" if (a < b if m == "gini" else a > b) else "dpo")
+        out[m] = "tie" if a == b else ("sdpo" if (a < b if m in LOWER_AHEAD else a > b) else "dpo")
     return out
 
 
+def synthetic_inputs(out: Path, size: dict, seed: int, t0: float) -> dict:
+    """The demo's log from the known simulator, and what the pipeline needs of it."""
+    sim = recsim.make_simulator(size["users"], size["items"], size["dim"], seed)
+    log_rows = recsim.simulate_log(sim, size["shown"], size["rating_noise"], seed)
+    log = recsim.write_log(log_rows, out / "log.csv")
+    write_text(out / "items.csv", "item\n" + "".join(f"{i}\n" for i in sim.items))
+    ratings = np.array([r["rating"] for r in log_rows])
+    say(t0, f"log: {len(log_rows)} events, {size['users']} users, {size['items']} items; mean rating "
+             f"{ratings.mean():.2f}, rated ≥ {size['high']:g}: {(ratings >= size['high']).mean():.1%}")
+    return {"sim": sim, "log": log, "recipe_items": out / "items.csv",
+            "catalogue": recsim.write_catalogue(sim, out / "items.txt"), "items": sim.items, "genres": None}
+
+
+def real_inputs(data: str, items_file: str | None, out: Path, t0: float) -> dict:
+    """A real log read in place (nothing of it copied): its catalogue (`items_file`, or the log's items written as
+    a list of ids) and genres where the catalogue has them."""
+    from ..families.recommender.data import read_catalogue
+    from ..families.recommender.lists import read_genres
+    from ..recipes.interactions import read_log
+
+    events, kind, _ = read_log(data)
+    if kind != "rating":
+        raise DpokitError(f"{data}: the experiment labels by ratings; this log's feedback is {kind}")
+    if items_file:
+        items = read_catalogue(items_file).ids
+        catalogue = Path(items_file)
+    else:
+        items = list(dict.fromkeys(e.item for e in events))
+        catalogue = out / "items.txt"
+        write_text(catalogue, "\n".join(items) + "\n")
+    say(t0, f"log {data}: {len(events)} events, {len({e.user for e in events})} users, {len(items)} items")
+    return {"sim": None, "log": Path(data), "recipe_items": Path(items_file) if items_file else None,
+            "catalogue": catalogue, "items": items, "genres": read_genres(items_file)}
+
+
+def world_model_log(log: Path, test_rows: list[dict], engaged_threshold: float):
+    """The log's events without each test user's held-out event and anything after it (the world model must not
+    see what the test measures): the user's events in time order (the file's on a tie), cut at the last event of
+    the test item."""
+    from ..worldmodel import read_events, user_sequences
+
+    held = {r["user"]: str(r["chosen"]) for r in test_rows}
+    kept = []
+    for user, evs in user_sequences(read_events(log, engaged_threshold=engaged_threshold)).items():
+        if user in held:
+            cut = max((j for j, e in enumerate(evs) if e.item == held[user]), default=len(evs))
+            evs = evs[:cut]
+        kept += evs
+    return kept
+
+
 def run(out_dir: str | Path = "runs/recommender", size: dict | None = None, seed: int = 0,
-        docs_dir: str | Path | None = None, command: str = "dpokit experiment recommender") -> dict:
-    """The protocol (module docstring); writes recommender.json (and the docs section) and returns the results:
-    {"bc": {...}, "dpo": {...}, "sdpo": {...}, "dmpo": {...}, "greedy": {...}, ...}, each with the MEASURES."""
+        docs_dir: str | Path | None = None, command: str = "dpokit experiment recommender", data: str | None = None,
+        items_file: str | None = None) -> dict:
+    """The protocol (module docstring; with `data`, the real-log protocol `PROTOCOL_DATA`); writes
+    recommender.json (recommender-data.json) and the docs section, and returns the results: {"bc": {...},
+    "dpo": {...}, "sdpo": {...}, "dmpo": {...}, "greedy": {...}, ...}, each with the MEASURES it has."""
     import torch
 
-    from ..worldmodel import FitConfig, fit_world_model, greedy_policy
+    from ..worldmodel import FitConfig, fit_world_model, greedy_policy, read_events
 
     size = dict(size or FULL)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    sim = recsim.make_simulator(size["users"], size["items"], size["dim"], seed)
-    log_rows = recsim.simulate_log(sim, size["shown"], size["rating_noise"], seed)
-    log = recsim.write_log(log_rows, out / "log.csv")
-    catalogue = recsim.write_catalogue(sim, out / "items.txt")
-    write_text(out / "items.csv", "item\n" + "".join(f"{i}\n" for i in sim.items))
-    items = sim.items
-    ratings = np.array([r["rating"] for r in log_rows])
-    say(t0, f"log: {len(log_rows)} events, {size['users']} users, {size['items']} items; mean rating "
-             f"{ratings.mean():.2f}, rated ≥ {size['high']:g}: {(ratings >= size['high']).mean():.1%}")
+    src = synthetic_inputs(out, size, seed, t0) if data is None else real_inputs(data, items_file, out, t0)
+    sim, items, catalogue = src["sim"], src["items"], src["catalogue"]
 
-    splits = build_interactions(log, out / "items.csv", out / "rows.jsonl", size, seed)
-    data = {k: len(v) for k, v in splits.items()}
-    say(t0, "interactions: " + ", ".join(f"{k} {v}" for k, v in data.items()))
+    splits = build_interactions(src["log"], src["recipe_items"], out / "rows.jsonl", size, seed)
+    counts = {k: len(v) for k, v in splits.items()}
+    say(t0, "interactions: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
 
     torch.manual_seed(seed)
-    world, fidelity = fit_world_model(str(log), items=items,
-                                      config=FitConfig(patience=size["wm_patience"], seed=seed),
+    if sim is None:
+        wm_log = world_model_log(src["log"], splits["test"], size["engaged_threshold"])
+    else:  # the demo's protocol: the whole log
+        wm_log = read_events(src["log"], engaged_threshold=size["engaged_threshold"])
+    world, fidelity = fit_world_model(wm_log, items=items, config=FitConfig(patience=size["wm_patience"], seed=seed),
                                       engaged_threshold=size["engaged_threshold"])
     say(t0, "world model: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                          for k, v in fidelity.items()))
+    popularity = {}  # ratings per item in the world model's (training) log
+    for e in wm_log:
+        popularity[e.item] = popularity.get(e.item, 0) + 1
 
     bc_dir, bc_log = train_bc(out / "rows.jsonl", catalogue, out / "bc", size, seed)
     say(t0, f"bc: {bc_log['steps']} steps; loss {bc_log.get('first', {}).get('loss', float('nan')):.4g} -> "
@@ -184,37 +258,43 @@ def run(out_dir: str | Path = "runs/recommender", size: dict | None = None, seed
     with torch.no_grad():
         pairs, groups = label_groups(world, splits["train"], size, seed)
     pair_path, group_path = _write_jsonl(pairs, out / "pairs.jsonl"), _write_jsonl(groups, out / "groups.jsonl")
-    sims = [sim.true_utility_of(p["user"], p["chosen"]) - sim.true_utility_of(p["user"], p["rejected"])
-            for p in pairs]
-    pair_data = {"contexts": len(splits["train"]), "rows": len(pairs),
-                 "ties_dropped": len(splits["train"]) - len(pairs),
-                 "true_utility_gap": float(np.mean(sims)) if sims else None,
-                 "true_agreement": float(np.mean([s > 0 for s in sims])) if sims else None}
-    say(t0, f"{len(pairs)} labelled contexts; chosen above rejected under the simulator: "
-             f"{pair_data['true_agreement']:.1%} (mean true-utility gap {pair_data['true_utility_gap']:.3f})")
+    pair_data = {"contexts": len(splits["train"]), "rows": len(pairs), "ties_dropped": len(splits["train"]) - len(pairs)}
+    if sim is not None:
+        gaps = [sim.true_utility_of(p["user"], p["chosen"]) - sim.true_utility_of(p["user"], p["rejected"])
+                for p in pairs]
+        pair_data.update(true_utility_gap=float(np.mean(gaps)) if gaps else None,
+                         true_agreement=float(np.mean([g > 0 for g in gaps])) if gaps else None)
+        say(t0, f"{len(pairs)} labelled contexts; chosen above rejected under the simulator: "
+                 f"{pair_data['true_agreement']:.1%} (mean true-utility gap {pair_data['true_utility_gap']:.3f})")
+    else:
+        say(t0, f"{len(pairs)} labelled contexts")
 
     models, logs = {"bc": bc_dir}, {"bc": bc_log}
+    valid = out / "rows.valid.jsonl"
     for key, loss_type in TUNED:
         models[key], logs[key] = tune(bc_dir, pair_path if key == "dpo" else group_path, out / key, loss_type,
-                                      size, seed)
+                                      size, seed, catalogue, valid)
         first, last = logs[key].get("first", {}), logs[key].get("last", {})
         say(t0, f"{key}: {logs[key]['steps']} steps; " + ", ".join(
             f"{k} {first[k]:.4g} -> {last[k]:.4g}" for k in first if k in last))
 
-    results = {"command": command, "seed": seed, "size": dict(size), "data": data, "world_model": fidelity,
-               "pair_data": pair_data, "training": logs}
+    results = {"command": command, "seed": seed, "size": dict(size), "data": counts, "world_model": fidelity,
+               "pair_data": pair_data, "training": logs, "log": str(data) if data else "synthetic"}
     test = splits["test"]
+    measured = dict(sim=sim, test_rows=test, items=items, size=size, seed=seed, popularity=popularity,
+                    genres=src["genres"])
     with torch.no_grad():
         for key, path in models.items():
-            results[key] = measure(recommender_policy(path, size["k"]), world, sim, test, items, size, seed)
-            say(t0, f"{key}: " + ", ".join(f"{m} {results[key][m]:.4g}" for m in MEASURES))
-        results["greedy"] = measure(greedy_policy(world, items, k=size["k"]), world, sim, test, items, size, seed)
-        say(t0, "greedy: " + ", ".join(f"{m} {results['greedy'][m]:.4g}" for m in MEASURES))
+            results[key] = measure(recommender_policy(path, size["k"]), world, **measured)
+            say(t0, f"{key}: " + ", ".join(f"{m} {results[key][m]:.4g}" for m in MEASURES if m in results[key]))
+        results["greedy"] = measure(greedy_policy(world, items, k=size["k"]), world, **measured)
+        say(t0, "greedy: " + ", ".join(f"{m} {results['greedy'][m]:.4g}" for m in MEASURES if m in results["greedy"]))
     results["verdict"] = {key: verdict(results["bc"], results[key]) for key, _ in TUNED}
     results["collapse_claim"] = collapse(results["bc"], results["greedy"])
     results["sdpo_vs_dpo"] = compare_sdpo_dpo(results["dpo"], results["sdpo"])
     results["minutes"] = round((time.time() - t0) / 60, 1)
-    finish(results, out, NAME, format_table(results), docs_dir, markdown_section(results), keep=READING)
+    name, reading = (NAME, READING) if data is None else (NAME_DATA, READING_DATA)
+    finish(results, out, name, format_table(results), docs_dir, markdown_section(results), keep=reading)
     return results
 
 
@@ -234,22 +314,31 @@ def _goal_lines(results: dict) -> list[str]:
     return lines
 
 
+COLUMNS = (("utility", "utility", 9, ".3f"), ("true_utility", "true", 8, ".3f"), ("ndcg@10", "NDCG@10", 9, ".4f"),
+           ("hr@10", "HR@10", 8, ".3f"), ("coverage", "coverage", 10, ".3f"), ("gini", "gini", 7, ".3f"),
+           ("popularity", "pop.", 8, ".1f"), ("ild", "ILD", 7, ".3f"))
+
+
+def _columns(results: dict) -> list[tuple]:
+    return [c for c in COLUMNS if c[0] in results["bc"]]
+
+
 def format_table(results: dict) -> str:
-    lines = [f"{'policy':<22}{'utility':>9}{'vs BC':>7}{'true':>8}{'NDCG@10':>9}{'HR@10':>8}{'coverage':>10}"
-             f"{'gini':>7}"]
-    bc = results["bc"]
+    cols, bc = _columns(results), results["bc"]
+    head = f"{'policy':<22}" + "".join(f"{label:>{w}}" + ("  vs BC" if m == "utility" else "")
+                                       for m, label, w, _ in cols)
+    lines = [head]
     for key, label in METHODS:
         r = results[key]
-        lines.append(f"{label[:21]:<22}{r['utility']:>9.3f}{r['utility'] / bc['utility']:>6.2f}×"
-                     f"{r['true_utility']:>8.3f}{r['ndcg@10']:>9.4f}{r['hr@10']:>8.3f}{r['coverage']:>10.3f}"
-                     f"{r['gini']:>7.3f}")
+        lines.append(f"{label[:21]:<22}" + "".join(
+            f"{r[m]:>{w}{f}}" + (f"{r[m] / bc[m]:>6.2f}×" if m == "utility" else "") for m, _, w, f in cols))
     return "\n".join(lines + _goal_lines(results))
 
 
 PROTOCOL = """\
 The issue's demo (`dpokit demo recommender`, CPU, no downloads): synthetic logs from a known simulator, so the true
 utility is computable. The protocol and the decision rule below were committed before the first run; the real-data
-version (`dpokit experiment recommender --data`, MovieLens-100K) is not built yet.
+version (`dpokit experiment recommender --data`, MovieLens-100K) has its own protocol, in the next section.
 
 - **Simulator** (seeded): 500 users, 300 items, latent size 8. Item vectors v_i ~ N(0, I/8), item bias
   b_i ~ N(0, 0.5²), user tastes u ~ N(0, I). True engagement probability p(u, i) = σ(2·u·v_i + b_i − 1); the true
@@ -281,22 +370,27 @@ version (`dpokit experiment recommender --data`, MovieLens-100K) is not built ye
 """
 
 
+NAMES = {"utility": "utility (world model)", "true_utility": "true utility", "ndcg@10": "NDCG@10", "hr@10": "HR@10",
+         "coverage": "coverage", "gini": "Gini", "popularity": "popularity", "ild": "ILD (genres)"}
+
+
 def markdown_section(results: dict) -> str:
     s, d, w, p = results["size"], results["data"], results["world_model"], results["pair_data"]
-    table = ["| policy | utility (world model) | vs BC | true utility | NDCG@10 | HR@10 | coverage | Gini |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    bc = results["bc"]
+    cols, bc = _columns(results), results["bc"]
+    real = results.get("log", "synthetic") != "synthetic"
+    table = ["| policy | " + " | ".join(NAMES[m] + (" | vs BC" if m == "utility" else "") for m, *_ in cols) + " |",
+             "|---|" + "---:|" * (len(cols) + 1)]
     for key, label in METHODS:
         r = results[key]
-        table.append(f"| {label} | {r['utility']:.3f} | {r['utility'] / bc['utility']:.2f}× | {r['true_utility']:.3f}"
-                     f" | {r['ndcg@10']:.4f} | {r['hr@10']:.3f} | {r['coverage']:.3f} | {r['gini']:.3f} |")
+        table.append(f"| {label} | " + " | ".join(
+            f"{r[m]:{f}}" + (f" | {r[m] / bc[m]:.2f}×" if m == "utility" else "") for m, _, _, f in cols) + " |")
     verdicts = []
     for key, _ in TUNED:
         r, v = results[key], results["verdict"][key]
+        true = f", true utility {r['true_utility']:.3f} vs {bc['true_utility']:.3f}" if "true_utility" in r else ""
         verdicts.append(f"{dict(METHODS)[key]}: utility {r['utility'] / bc['utility']:.2f}× BC's (goal ≥ "
                         f"{GOAL['utility_ratio']:g}×), NDCG@10 {r['ndcg@10']:.4f} vs {bc['ndcg@10']:.4f}, coverage "
-                        f"{r['coverage'] / bc['coverage']:.2f}× BC's (goal ≥ {GOAL['coverage_ratio']:g}×), true "
-                        f"utility {r['true_utility']:.3f} vs {bc['true_utility']:.3f}: **goal "
+                        f"{r['coverage'] / bc['coverage']:.2f}× BC's (goal ≥ {GOAL['coverage_ratio']:g}×){true}: **goal "
                         f"{'met' if v['met'] else 'missed'}**.")
     logs = []
     for key, label in METHODS[:4]:
@@ -307,16 +401,25 @@ def markdown_section(results: dict) -> str:
     fid = ", ".join(f"{k} {w[k]:.3f}" for k in ("rating_rmse", "baseline_rating_rmse", "engaged_auc", "engaged_ece")
                     if isinstance(w.get(k), float))
     ahead = ", ".join(f"{m} {who}" for m, who in results["sdpo_vs_dpo"].items())
-    return f"""## Recommenders: DPO against a world model, without collapse (demo, known simulator)
+    agreement = (f"; the world model's chosen is above its rejected under the simulator's true utility in "
+                 f"{p['true_agreement']:.1%} of them" if p.get("true_agreement") is not None else "")
+    if real:
+        title = "## Recommenders on real logs: DPO against a world model, MovieLens-100K"
+        protocol, reading = PROTOCOL_DATA, READING_DATA
+        sizes = f"Log: `{results['log']}` (read in place)"
+    else:
+        title = "## Recommenders: DPO against a world model, without collapse (demo, known simulator)"
+        protocol, reading = PROTOCOL, READING
+        sizes = f"Sizes: {s['users']} users, {s['items']} items, {s['shown']} shown each"
+    return f"""{title}
 
-{PROTOCOL}
+{protocol}
 ### Results
 
-Rerun: `{results['command']}` ({results['minutes']} min on this machine). Sizes: {s['users']} users, {s['items']}
-items, {s['shown']} shown each; interaction rows {', '.join(f'{k} {v}' for k, v in d.items())}. World model
-({w.get('epochs_run')} epochs, best {w.get('best_epoch')}), held-out fidelity: {fid}. Labelled contexts
-{p['rows']} of {p['contexts']} (ties dropped {p['ties_dropped']}); the world model's chosen is above its rejected
-under the simulator's true utility in {p['true_agreement']:.1%} of them.
+Rerun: `{results['command']}` ({results['minutes']} min on this machine). {sizes}; interaction rows
+{', '.join(f'{k} {v}' for k, v in d.items())}. World model ({w.get('epochs_run')} epochs, best
+{w.get('best_epoch')}), held-out fidelity: {fid}. Labelled contexts {p['rows']} of {p['contexts']} (ties dropped
+{p['ties_dropped']}){agreement}.
 
 {chr(10).join(table)}
 
@@ -325,6 +428,40 @@ under the simulator's true utility in {p['true_agreement']:.1%} of them.
 
 Training logs (first → last logged step): {'; '.join(logs)}.
 
-{READING}
+{reading}
 (The reading of these figures is written by hand after the runs; a rerun keeps it.)
+"""
+
+
+PROTOCOL_DATA = """\
+`dpokit experiment recommender --data LOG [--items ITEMS]` runs the demo's pipeline on a real log instead of the
+simulator. The protocol and the decision rule below were committed before the first run on MovieLens-100K. The
+data ships inside the `recbole` wheel (`pip install --no-deps recbole`; `recbole/dataset_example/ml-100k/`); its
+licence forbids redistribution, so dpokit reads it in place and the repository holds none of it. The run folder
+holds rows derived from it (item ids, no ratings) and models trained on it: keep them to yourself.
+
+- **Log**: any log the interactions recipe reads (CSV/TSV/Parquet with user, item, rating, timestamp; RecBole
+  `.inter`), ratings required; events of one user at the same time keep the file's order
+  (`--on-duplicate-time keep-file-order`: MovieLens has many same-second ratings). `--items` (a RecBole `.item`,
+  a CSV with an `item` column, or a text file) is the catalogue; with a genre column (`class`, `genre(s)`,
+  `category`) it also gives intra-list diversity.
+- **Rows**: `dpokit data build interactions` with rating negatives (chosen rated ≥ 4, rejected ≤ 2) and
+  leave-last-out per user: each user's last positive context is the test set, the one before it validation.
+- **World model**: `dpokit.worldmodel.fit_world_model` (engaged = rating ≥ 4, early stopping with patience 3) on
+  the log *without* each test user's held-out event and anything after it, so the world model never sees what the
+  test measures; its held-out fidelity reported.
+- **BC policy, utility-labelled pairs, DPO / S-DPO / DMPO, greedy**: exactly as in the demo's protocol above (SASRec
+  defaults, `loss_type: sft`, 5 epochs, batch 64, lr 1e-3; 20 uniform candidates per train context, best vs worst
+  or the 4 worst by predicted rating; β = 0.1, 2 epochs, batch 64, lr 5e-4 constant; greedy = the world model's
+  top-10 by predicted utility). Each tuned run also evaluates the validation rows every epoch, so its report.html
+  plots the collapse guards over training.
+- **Measures** on the test users: **utility**, the mean predicted rating of the items taken in world-model
+  rollouts (horizon 5, the user takes the first of the top-10 list); **NDCG@10** and HR@10 of the held-out item over
+  the full catalogue (history items left out); the collapse guards of the top-10 lists: **coverage** (share of the
+  catalogue), Gini of exposure, popularity bias (the mean number of training-log ratings of the recommended items),
+  and intra-list diversity (1 − genre Jaccard) where the catalogue has genres. A real log has no true utility.
+- **Decision rule** (the issue's goal): a method meets it when its utility is at least 1.10× BC's, its NDCG@10 is
+  not below BC's, and its coverage at least 0.90× BC's; the collapse claim holds when greedy's coverage is below
+  BC's. S-DPO is compared with DPO on the same measures. If the goal is missed: one round of diagnosis and one fix a
+  practitioner would try, reported beside the first result.
 """

@@ -33,6 +33,7 @@ LIKELIHOODS = {
 CAPABILITIES = {
     "sample": "sample outputs for prompts (sample eval, online DPO, the judge recipe)",
     "load_trained": "load a trained model back for eval and score",
+    "list_metrics": "measure the ranked lists it recommends for the eval contexts (ranking quality, collapse guards)",
 }
 
 # Batch keys the loop reads; everything else in a batch is the family's own.
@@ -197,6 +198,11 @@ class Family:
     def load_trained(self, path: str, cfg=None) -> tuple[nn.Module, Any]:
         """Capability "load_trained": a saved model and its processor, frozen, for eval and score."""
         self.require("load_trained", "loading a trained model")
+
+    def list_metrics(self, model: nn.Module, processor: Any, examples: Sequence[Example], cfg) -> dict[str, float]:
+        """Capability "list_metrics": measures of the lists the model recommends for the eval examples' contexts
+        as a whole (coverage and the like are not per-example means), logged as eval metrics at every eval."""
+        self.require("list_metrics", "list metrics")
 
 
 def draw_seeds(seed: int, stream: int, indices) -> list[int]:

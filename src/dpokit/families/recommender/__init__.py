@@ -7,7 +7,9 @@ user chose next against the item(s) shown but not chosen.
   and the folder format (config.json + model.safetensors + items.json);
 - data.py: interaction rows from JSON Lines, checked against the vocabulary, left-padded in batches;
 - scorer.py: the item score (log-softmax over the catalogue or the slate);
-- sampling.py: the `sample` capability, the top-k items for each context (history), measured by dpokit.ranking.
+- sampling.py: the `sample` capability, the top-k items for each context (history), measured by dpokit.ranking;
+- lists.py: the `list_metrics` capability, those lists for the eval rows measured at every eval (ranking quality
+  and the collapse guards: coverage, Gini of exposure, popularity, genre diversity), plotted in report.html.
 
 Behaviour cloning is `loss_type: sft` (the next-item cross-entropy); several rejected items per row are S-DPO
 groups (`sdpo`, `dmpo`).
@@ -35,7 +37,7 @@ class RecommenderFamily(Family):
     name = "recommender"
     likelihood = "exact"
     config_class = RecommenderConfig
-    capabilities = frozenset({"load_trained", "sample"})
+    capabilities = frozenset({"load_trained", "sample", "list_metrics"})
     rebuilds_base = True  # no `model`: load_trained(None, cfg) is the fresh SASRec the run started from
 
     def __init__(self, model: nn.Module | None = None, items=None):
@@ -121,6 +123,14 @@ class RecommenderFamily(Family):
         from .sampling import recommend
 
         return recommend(model, items, prompts, **settings)
+
+    def list_metrics(self, model, items, examples, cfg):
+        """The top-`eval_top_k` lists for the eval rows' histories, measured (lists.py); genre diversity where the
+        `item_catalogue` file has a genre column."""
+        from .lists import list_metrics, read_genres
+
+        s = self.settings(cfg)
+        return list_metrics(model, items, examples, s.eval_top_k, read_genres(s.item_catalogue))
 
     def new_model(self, items, max_history: int = 50, hidden: int = 64, blocks: int = 2, heads: int = 2,
                   dropout: float = 0.2) -> SASRec:

@@ -27,11 +27,13 @@ class RecommenderConfig:
     rec_dropout: float = 0.2
     # What an item's score is normalised over: the whole catalogue, or the row's `candidates` (the shown slate).
     score_over: str = "catalogue"
+    # The length of the lists measured at each eval (NDCG@k, HR@k, coverage, Gini, popularity, genre diversity).
+    eval_top_k: int = 10
 
     def __post_init__(self):
         if self.item_catalogue is not None and (not isinstance(self.item_catalogue, str) or not self.item_catalogue):
             raise DpokitError(f"item_catalogue must be a file path, got {self.item_catalogue!r}")
-        for key in ("max_history", "rec_hidden", "rec_blocks", "rec_heads"):
+        for key in ("max_history", "rec_hidden", "rec_blocks", "rec_heads", "eval_top_k"):
             _positive_int(getattr(self, key), key)
         if self.rec_hidden % self.rec_heads:
             raise DpokitError(f"rec_hidden ({self.rec_hidden}) must divide by rec_heads ({self.rec_heads})")
