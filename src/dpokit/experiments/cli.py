@@ -7,6 +7,7 @@
     dpokit experiment onestep [--base DIR] [--out DIR] [--docs DIR] [--seed N] [--quick]
     dpokit experiment policy [--out DIR] [--docs DIR] [--seed N] [--quick]
     dpokit experiment recommender [--data LOG [--items FILE]] [--out DIR] [--docs DIR] [--seed N] [--quick]
+    dpokit experiment obd [--data DIR] [--out DIR] [--docs DIR] [--seed N] [--quick]
 
 Another experiment's flag is refused while the command line is parsed, before anything runs, in one line that
 names the experiment it belongs to. An experiment's module is imported only when it runs.
@@ -187,9 +188,28 @@ def _run_recommender(args) -> None:
                     items_file=args.items)
 
 
+def add_obd(experiments) -> tuple[argparse.ArgumentParser, list[argparse.Action]]:
+    p = _experiment_parser(experiments, "obd", "world-model estimates (DM, DR) against importance weighting (IPW, "
+                           "SNIPW) of the Bernoulli TS policy's click rate on the Open Bandit Dataset's random log, "
+                           "the bts log's mean click as the truth (needs obp)",
+                           out="obd.json", docs="its section")
+    data = p.add_argument("--data", metavar="DIR",
+                          help="a full Open Bandit Dataset download (obp's data_path: DIR/random/all/all.csv, "
+                               "DIR/bts/all/all.csv); default: the sample inside the obp package, read in place")
+    p.set_defaults(experiment_run=_run_obd)
+    return p, [data]
+
+
+def _run_obd(args) -> None:
+    from . import obd
+
+    size, command = _sized(args, obd, "obd", base=f" --data {args.data}" if args.data else "")
+    obd.run(args.out, size=size, seed=args.seed, docs_dir=args.docs, command=command, data=args.data)
+
+
 EXPERIMENTS = {"frontier": add_frontier, "secalign": add_secalign, "hierarchy": add_hierarchy,
                "diffusion": add_diffusion, "onestep": add_onestep,
-               "policy": add_policy, "recommender": add_recommender}
+               "policy": add_policy, "recommender": add_recommender, "obd": add_obd}
 
 
 class _BelongsElsewhere(argparse.Action):
