@@ -105,7 +105,7 @@ def test_the_command_line_parser_has_data_and_the_common_flags():
     p, own = add_obd(parser.add_subparsers(dest="experiment"))
     args = parser.parse_args(["obd", "--data", "/somewhere", "--quick", "--seed", "2"])
     assert (args.data, args.quick, args.seed, args.out) == ("/somewhere", True, 2, "runs/obd")
-    assert args.experiment_run is not None and [a.option_strings for a in own] == [["--data"]]
+    assert args.experiment_run is not None and [a.option_strings for a in own] == [["--data"], ["--wm-epochs"]]
 
 
 # ---------------------------------------------------------------- with obp

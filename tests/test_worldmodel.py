@@ -193,3 +193,20 @@ def test_early_stopping_keeps_the_best_validation_epoch(monkeypatch):
     train, _ = fit_module.split_leave_last_out(users, 1)
     _, valid = fit_module.split_leave_last_out(train, 1)
     assert fit_module.validation_loss(model, users, valid) == pytest.approx(seen[best - 1], rel=1e-5)
+
+
+def test_early_stopping_warns_when_no_validation_event_is_engaged(caplog):
+    """Rare clicks: with no engaged validation event early stopping would keep the most pessimistic epoch; the
+    fit says so (and stays silent when the validation events hold a click)."""
+    rare = [{"user": f"u{u}", "item": ITEMS[(u + t) % 20], "time": t, "click": float(t == 0 and u % 5 == 0)}
+            for u in range(30) for t in range(6)]
+    events = [dict(e, engaged=e.pop("click")) for e in rare]
+    with caplog.at_level("WARNING", logger="dpokit.worldmodel.fit"):
+        fit_world_model(events, items=ITEMS, config=FitConfig(epochs=1, patience=1))
+    assert any("none of the 30 validation events is engaged" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    for e in events:  # a click on every user's second-to-last event (the validation event)
+        e["engaged"] = float(e["time"] == 4)
+    with caplog.at_level("WARNING", logger="dpokit.worldmodel.fit"):
+        fit_world_model(events, items=ITEMS, config=FitConfig(epochs=1, patience=1))
+    assert not any("validation events is engaged" in r.getMessage() for r in caplog.records)

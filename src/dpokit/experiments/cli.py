@@ -7,7 +7,7 @@
     dpokit experiment onestep [--base DIR] [--out DIR] [--docs DIR] [--seed N] [--quick]
     dpokit experiment policy [--out DIR] [--docs DIR] [--seed N] [--quick]
     dpokit experiment recommender [--data LOG [--items FILE]] [--out DIR] [--docs DIR] [--seed N] [--quick]
-    dpokit experiment obd [--data DIR] [--out DIR] [--docs DIR] [--seed N] [--quick]
+    dpokit experiment obd [--data DIR] [--wm-epochs N] [--out DIR] [--docs DIR] [--seed N] [--quick]
 
 Another experiment's flag is refused while the command line is parsed, before anything runs, in one line that
 names the experiment it belongs to. An experiment's module is imported only when it runs.
@@ -59,7 +59,10 @@ def add_frontier(experiments) -> tuple[argparse.ArgumentParser, list[argparse.Ac
     own = [p.add_argument("--task", choices=["line", "vader"], default="line",
                           help="line: the demo's controlled task (default); vader: the prompts of an HH-style "
                                "preference file (--data), VADER sentiment as the reward"),
-           p.add_argument("--data", help="the preference file whose dialogues give --task vader its prompts")]
+           p.add_argument("--data", help="the preference file whose dialogues give --task vader its prompts"),
+           p.add_argument("--rlhf", action="store_true",
+                          help="then the RLHF arm on the same SFT model and pairs: a TRL reward model and GRPO "
+                               "against it (and against the true reward), with CPU seconds; its own docs section")]
     p.set_defaults(experiment_run=_run_frontier)
     return p, own
 
@@ -69,7 +72,8 @@ def _run_frontier(args) -> None:
         raise DpokitError("--data is read by `experiment frontier --task vader` only")
     from .frontier import run_frontier
 
-    run_frontier(out=args.out, quick=args.quick, seed=args.seed, docs_dir=args.docs, task=args.task, data=args.data)
+    run_frontier(out=args.out, quick=args.quick, seed=args.seed, docs_dir=args.docs, task=args.task, data=args.data,
+                 rlhf=args.rlhf)
 
 
 def add_secalign(experiments) -> tuple[argparse.ArgumentParser, list[argparse.Action]]:
@@ -196,14 +200,18 @@ def add_obd(experiments) -> tuple[argparse.ArgumentParser, list[argparse.Action]
     data = p.add_argument("--data", metavar="DIR",
                           help="a full Open Bandit Dataset download (obp's data_path: DIR/random/all/all.csv, "
                                "DIR/bts/all/all.csv); default: the sample inside the obp package, read in place")
+    epochs = p.add_argument("--wm-epochs", type=int, metavar="N",
+                            help="train the world model N epochs with early stopping off (default: the protocol's "
+                                 "early stopping, patience 3)")
     p.set_defaults(experiment_run=_run_obd)
-    return p, [data]
+    return p, [data, epochs]
 
 
 def _run_obd(args) -> None:
     from . import obd
 
-    size, command = _sized(args, obd, "obd", base=f" --data {args.data}" if args.data else "")
+    size, command = _sized(args, obd, "obd", base=f" --data {args.data}" if args.data else "",
+                           wm_epochs=("--wm-epochs", args.wm_epochs))
     obd.run(args.out, size=size, seed=args.seed, docs_dir=args.docs, command=command, data=args.data)
 
 

@@ -259,8 +259,8 @@ def run(out_dir: str | Path = "runs/obd", size: dict | None = None, seed: int = 
 
     events = log_events(users, feedback["action"], feedback["position"], feedback["reward"])
     config = FitConfig(patience=size["wm_patience"], seed=seed)
-    if size.get("wm_epochs"):
-        config.epochs = int(size["wm_epochs"])
+    if size.get("wm_epochs"):  # a fixed budget: early stopping off (the diagnosis's fix, --wm-epochs)
+        config.epochs, config.patience = int(size["wm_epochs"]), None
     torch.manual_seed(seed)
     world, fidelity = fit_world_model(events, items=catalogue(n_actions, len_list), config=config)
     fidelity["held_out_clicks"] = _held_out_clicks(events)
