@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ...errors import DpokitError
+from .gguf import resolve
 
 
 def _dtype(name: str):
@@ -19,8 +20,10 @@ def _dtype(name: str):
 
 
 def load_model(path: str, cfg) -> nn.Module:
+    """The model at `path`: a folder, a hub name, or a GGUF file (converted once to a cached folder)."""
     from transformers import AutoModelForCausalLM
 
+    path = resolve(path)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=_dtype(cfg.dtype), attn_implementation=cfg.attn_implementation,
@@ -34,6 +37,7 @@ def load_model(path: str, cfg) -> nn.Module:
 def load_tokenizer(path: str, cfg):
     from transformers import AutoTokenizer
 
+    path = resolve(path)
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as e:
