@@ -345,7 +345,9 @@ def test_list_metrics_tell_a_collapsed_recommender_from_a_varied_one():
 
 
 def test_genre_diversity_from_a_recbole_item_file(tmp_path):
-    from dpokit.families.recommender.lists import genre_distance, list_metrics, read_genres
+    from dpokit.families.recommender.lists import list_metrics
+    from dpokit.ranking import genre_distance
+    from dpokit.recipes.interactions import read_genres
 
     path = tmp_path / "cat.item"
     path.write_text("item_id:token\ttitle:token_seq\tclass:token_seq\n" + "".join(

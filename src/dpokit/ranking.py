@@ -88,3 +88,13 @@ def popularity_bias(lists: Sequence[Sequence], popularity: Mapping[Hashable, flo
     _check(lists)
     means = [sum(popularity.get(i, 0.0) for i in list(r)[:k]) / max(len(list(r)[:k]), 1) for r in lists]
     return sum(means) / len(means)
+
+
+def genre_distance(genres: Mapping[Hashable, frozenset]) -> Callable[[Hashable, Hashable], float]:
+    """A distance for `intra_list_diversity`: 1 − the Jaccard overlap of two items' genre sets (an item without
+    genres is at distance 1 from everything)."""
+    def distance(a: Hashable, b: Hashable) -> float:
+        ga, gb = genres.get(a, frozenset()), genres.get(b, frozenset())
+        union = ga | gb
+        return 1.0 - (len(ga & gb) / len(union) if union else 0.0)
+    return distance

@@ -174,8 +174,8 @@ def add_recommender(experiments) -> tuple[argparse.ArgumentParser, list[argparse
                           help="a real interaction log with ratings (CSV/TSV/Parquet, RecBole .inter), e.g. "
                                "MovieLens-100K inside the recbole wheel: recbole/dataset_example/ml-100k/ml-100k.inter")
     items = p.add_argument("--items", metavar="FILE",
-                           help="with --data: the catalogue (RecBole .item, CSV with an item column, or one id a "
-                                "line); a genre column adds intra-list diversity")
+                           help="with --data: the catalogue (RecBole .item, or CSV/TSV/Parquet with an item column); "
+                                "a genre column adds intra-list diversity")
     p.set_defaults(experiment_run=_run_recommender)
     return p, [wm, beta, data, items]
 

@@ -112,8 +112,7 @@ def measure(recommend, world, sim: recsim.Simulator | None, test_rows: list[dict
             seed: int, popularity: dict[str, float], genres: dict | None = None) -> dict:
     """The protocol's measures of one policy (histories → top-k lists) on the test contexts; the true utility
     where a simulator knows it, the genre diversity where the catalogue has genres."""
-    from ..families.recommender.lists import genre_distance
-    from ..ranking import intra_list_diversity, popularity_bias
+    from ..ranking import genre_distance, intra_list_diversity, popularity_bias
     from ..worldmodel import evaluate_policy
 
     k, users = size["k"], [r["user"] for r in test_rows]
@@ -182,15 +181,13 @@ def synthetic_inputs(out: Path, size: dict, seed: int, t0: float) -> dict:
 def real_inputs(data: str, items_file: str | None, out: Path, t0: float) -> dict:
     """A real log read in place (nothing of it copied): its catalogue (`items_file`, or the log's items written as
     a list of ids) and genres where the catalogue has them."""
-    from ..families.recommender.data import read_catalogue
-    from ..families.recommender.lists import read_genres
-    from ..recipes.interactions import read_log
+    from ..recipes.interactions import catalogue_ids, read_genres, read_log
 
     events, kind, _ = read_log(data)
     if kind != "rating":
         raise DpokitError(f"{data}: the experiment labels by ratings; this log's feedback is {kind}")
     if items_file:
-        items = read_catalogue(items_file).ids
+        items = catalogue_ids(items_file)
         catalogue = Path(items_file)
     else:
         items = list(dict.fromkeys(e.item for e in events))

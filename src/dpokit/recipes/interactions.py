@@ -261,6 +261,45 @@ def read_log(path: str | Path, user_col: str | None = None, item_col: str | None
 
 def read_catalogue(path: str | Path, item_col: str | None = None) -> set[str]:
     """The item ids of a RecBole .item file (column item_id) or a CSV/TSV/Parquet (column item or item_id)."""
+    return set(catalogue_ids(path, item_col))
+
+
+GENRE_COLUMNS = ("class", "genre", "genres", "category", "categories")
+
+
+def read_genres(path: str | Path | None) -> dict[str, frozenset[str]] | None:
+    """Item id → its genres, from a RecBole `.item` file (a `class`/`genre`/`category` token_seq column, tokens
+    separated by spaces) or a CSV with such a column (separated by `|`, else spaces); None when the file has no
+    genre column (or is a plain list of ids)."""
+    import csv
+
+    if not path or Path(path).suffix.lower() not in (".item", ".csv"):
+        return None
+    p = Path(path)
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise DpokitError(f"{path}: cannot read ({e})") from None
+    if p.suffix.lower() == ".item":
+        header = [h.strip().split(":")[0] for h in (lines[0].split("\t") if lines else [])]
+        rows = [dict(zip(header, line.split("\t"))) for line in lines[1:] if line.strip()]
+        key, sep = "item_id", None
+    else:
+        rows, key, sep = list(csv.DictReader(lines)), "item", "|"
+        header = list(rows[0]) if rows else []
+    column = next((c for c in header if c.lower() in GENRE_COLUMNS), None)
+    if column is None:
+        return None
+    out = {}
+    for row in rows:
+        text = (row.get(column) or "").strip()
+        parts = text.split(sep) if sep and sep in text else text.split()
+        out[str(row.get(key, "")).strip()] = frozenset(g.strip() for g in parts if g.strip())
+    return out
+
+
+def catalogue_ids(path: str | Path, item_col: str | None = None) -> list[str]:
+    """The item ids of a catalogue file in the file's order (see `read_catalogue`)."""
     path = Path(path)
     frame, first = _read_table(path, "item catalogue")
     columns = list(frame.columns)
@@ -272,7 +311,7 @@ def read_catalogue(path: str | Path, item_col: str | None = None) -> set[str]:
     kept = [(v, r) for v, r in zip(values, rows) if not (first == 2 and v == "")]
     if not kept:
         raise DataError(str(path), None, "empty file: no items")
-    return set(_ids([v for v, _ in kept], [r for _, r in kept], str(path), "item"))
+    return list(dict.fromkeys(_ids([v for v, _ in kept], [r for _, r in kept], str(path), "item")))
 
 
 # ---------------------------------------------------------------- contexts

@@ -127,7 +127,8 @@ class RecommenderFamily(Family):
     def list_metrics(self, model, items, examples, cfg):
         """The top-`eval_top_k` lists for the eval rows' histories, measured (lists.py); genre diversity where the
         `item_catalogue` file has a genre column."""
-        from .lists import list_metrics, read_genres
+        from ...recipes.interactions import read_genres
+        from .lists import list_metrics
 
         s = self.settings(cfg)
         return list_metrics(model, items, examples, s.eval_top_k, read_genres(s.item_catalogue))
