@@ -46,7 +46,7 @@ from ..io import write_text
 from ..recipes.common import write_jsonl
 from ..scoring import score_examples
 from ..tiny import build_llama, build_tokenizer, single_thread
-from ..train import train
+from ..train import Loop
 from . import update_docs
 from .checkpoints import drain_policies
 from .frontier_report import (FLIP_FRACTION, SMOOTHING, line_description, markdown_section, plot_svg,
@@ -198,8 +198,11 @@ def measure(model, setup: Setup, n: int, seed: int) -> dict:
     return {"reward": stats["mean_reward"], "kl": stats["kl_to_warmup"], "malformed": stats["malformed"]}
 
 
-def _train_and_measure(run: Run, data: Path, setup: Setup, size: dict, out: Path, seed: int) -> list[dict]:
-    """Train `run`, then one point per checkpoint (and the final model)."""
+def _train_and_measure(run: Run, data: Path, setup: Setup, size: dict, out: Path, seed: int,
+                       timings: dict | None = None) -> list[dict]:
+    """Train `run`, then one point per checkpoint (and the final model). `timings`: where the run's CPU seconds go
+    (`timings[run.slug]`: the setup, which holds the reference pass when the reference cache missed, and the
+    training steps), for the RLHF arm's compute comparison (frontier_rlhf)."""
     run_dir = out / "runs" / run.slug
     warm = str(setup.warm_dir)
     cfg = TrainConfig(
@@ -211,7 +214,17 @@ def _train_and_measure(run: Run, data: Path, setup: Setup, size: dict, out: Path
         save_total_limit=None, report_to=["jsonl"], disable_tqdm=True, seed=seed + run.replicate,
         ref_cache_dir=str(out / "ref-cache"),
     )
-    result = train(cfg)
+    cache = Path(cfg.ref_cache_dir)
+    cached_before = len(list(cache.rglob("*.safetensors")))
+    c0 = time.process_time()
+    loop = Loop(cfg)  # what train(cfg) does, in two timed parts: the setup (and reference pass), then the steps
+    c1 = time.process_time()
+    result = loop.run()
+    c2 = time.process_time()
+    if timings is not None:
+        timings[run.slug] = {"setup_cpu_s": round(c1 - c0, 3), "train_cpu_s": round(c2 - c1, 3),
+                             "steps": result.global_step, "labels": run.labels, "method": run.method,
+                             "reference_pass": len(list(cache.rglob("*.safetensors"))) > cached_before}
     final = (result.global_step, get_family("causal_lm").load_trained(run_dir)[0])
     return [{**asdict(run), "step": step, **measure(model, setup, size["eval_samples"], seed + 2)}
             for step, model in itertools.chain(drain_policies(run_dir, setup.sft), [final])]
@@ -225,21 +238,30 @@ def sft_optimum(setup: Setup, n: int, seed: int) -> list[dict]:
 
 
 def run_frontier(out: str | Path = "runs/frontier", quick: bool = False, seed: int = 0,
-                 docs_dir: str | Path | None = None, task: str = "line", data: str | Path | None = None) -> dict:
+                 docs_dir: str | Path | None = None, task: str = "line", data: str | Path | None = None,
+                 rlhf: bool = False) -> dict:
     """Run the experiment (see the module docstring); returns what frontier.json holds. `task="vader"` runs it
     on the prompts of an HH-style preference file `data` with VADER sentiment as the reward
-    (dpokit.experiments.hh_sentiment)."""
+    (dpokit.experiments.hh_sentiment). `rlhf`: then the RLHF arm on the same SFT model and pairs
+    (frontier_rlhf: a TRL reward model and GRPO), its points under "rlhf" in frontier.json, and with `docs_dir`
+    its own section; the frontier section of the docs is then left as it is."""
     if task == "vader":
         from . import hh_sentiment
 
         setup_fn, size = hh_sentiment.setup, hh_sentiment.QUICK if quick else hh_sentiment.FULL
     else:
         setup_fn, size = line_setup, QUICK if quick else FULL
+    arm = None
+    if rlhf:
+        from . import frontier_rlhf
+
+        arm = frontier_rlhf.QUICK if quick else frontier_rlhf.FULL
     with single_thread():
-        return _run(Path(out), size, quick, seed, docs_dir, setup_fn, data)
+        return _run(Path(out), size, quick, seed, docs_dir, setup_fn, data, arm)
 
 
-def _run(out: Path, size: dict, quick: bool, seed: int, docs_dir, setup_fn, data_path) -> dict:
+def _run(out: Path, size: dict, quick: bool, seed: int, docs_dir, setup_fn, data_path, arm: dict | None = None
+         ) -> dict:
     t0, cpu0 = time.time(), time.process_time()
     out.mkdir(parents=True, exist_ok=True)
     setup = setup_fn(out, size, seed, data_path)
@@ -270,8 +292,9 @@ def _run(out: Path, size: dict, quick: bool, seed: int, docs_dir, setup_fn, data
     labels = ("clean", "noisy") if size["replicates"] else ("clean",)
     points = [{"method": "SFT", "labels": x, "step": 0, "kl": 0.0, "reward": base["reward"],
                "malformed": base["malformed"]} for x in labels]
+    timings: dict = {}
     for run in size["runs"]:
-        new = _train_and_measure(run, data[run.labels, run.replicate], setup, size, out, seed)
+        new = _train_and_measure(run, data[run.labels, run.replicate], setup, size, out, seed, timings)
         points += new
         best = max(new, key=lambda p: p["reward"])
         _say(t0, f"{run.slug}: best reward {best['reward']:+.3f} at KL {best['kl']:.2f} (step {best['step']}); "
@@ -285,14 +308,23 @@ def _run(out: Path, size: dict, quick: bool, seed: int, docs_dir, setup_fn, data
         "eval_samples_per_prompt": size["eval_samples"], "max_steps": size["max_steps"],
         "eval_every": size["eval_every"], "noisy_beta": size["noisy_beta"], "replicates": size["replicates"],
         "sizes": size["demo"], "optimal": optimum, "points": points, "first_step": alignment,
+        "run_cpu_s": timings,  # CPU seconds of each run's setup (reference pass) and steps
     }
     results["wall_s"] = round(time.time() - t0, 1)
     results["cpu_s"] = round(time.process_time() - cpu0, 1)  # wall time depends on what else the machine runs
     results["command"] = "dpokit experiment frontier" + (" --quick" if quick else "") + \
+        (" --rlhf" if arm is not None else "") + \
         (f" --task {setup.name} --data {data_path}" if setup.name != "line" else "") + f" --out {out}" + \
         (f" --docs {docs_dir}" if docs_dir is not None else "")
     results["machine"] = f"{os.cpu_count()} CPU cores, torch on 1 thread"
-    write_outputs(results, out, docs_dir)
+    if arm is None:
+        write_outputs(results, out, docs_dir)
+    else:  # the frontier's own section and plot in the docs stay as they are; the arm writes its section
+        from . import frontier_rlhf
+
+        write_outputs(results, out, None)
+        results["rlhf"] = frontier_rlhf.run_arm(setup, clean, results, arm, out, seed, say=lambda m: _say(t0, m))
+        frontier_rlhf.write_outputs(results, out, docs_dir)
     _say(t0, f"done; {out / 'frontier.md'}" + (f", {Path(docs_dir) / 'experiments.md'}" if docs_dir else ""))
     return results
 
