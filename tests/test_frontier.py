@@ -65,6 +65,16 @@ def test_summary_envelope_dominance_and_kept_gain():
     assert dpo["last_gain_clean"] == pytest.approx((-0.5 + 0.7) / 2)
 
 
+def test_a_preferred_ft_point_with_a_negative_kl_estimate_is_compared_at_kl_0():
+    """A sample KL estimate below 0 (noise near the SFT model) is compared with the SFT model's point, not left
+    without a frontier to compare with (which crashed the vader task's summary)."""
+    pts = [_point("SFT", "clean", 0, 0.0, 0.1), _point("preferred-FT", "clean", 10, -0.02, 0.05),
+           _point("DPO", "clean", 10, 0.3, 0.6)]
+    s = rp.summarize({"sft_reward": 0.1, "noisy_beta": 0.5, "replicates": 0, "points": pts})
+    assert s["dominance"]["DPO"]["pft_points"] == 1 and s["dominance"]["DPO"]["beaten"] == 1
+    assert s["dominance"]["DPO"]["min_diff"] == pytest.approx(0.1 - 0.05)
+
+
 def test_optimal_frontier_matches_the_closed_form_tilt():
     # rewards -1, 0, 1 equally likely under the SFT model: π_t = (e^-t, 1, e^t) / Z
     curve = fr.optimal_frontier([-1.0, 0.0, 1.0] * 10, inverse_betas=[0.0, 0.5, 2.0, 30.0])

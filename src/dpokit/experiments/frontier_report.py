@@ -83,9 +83,10 @@ def summarize(results: dict) -> dict:
     pft = _run_points(sweep, "preferred-FT", "clean")
     dominance = {}
     for name, group in (("DPO", ["DPO"]), ("DPO family", family)):
-        diffs = [envelope(sweep, group, p["kl"]) - p["reward"] for p in pft]
-        mixed = [mixture_frontier(sweep, group, p["kl"]) - mixture_frontier(sweep, ["preferred-FT"], p["kl"])
-                 for p in pft]
+        # A sample estimate of KL can come out below 0 near the SFT model: it is read as 0 (the SFT model's)
+        diffs = [envelope(sweep, group, max(p["kl"], 0.0)) - p["reward"] for p in pft]
+        mixed = [mixture_frontier(sweep, group, max(p["kl"], 0.0))
+                 - mixture_frontier(sweep, ["preferred-FT"], max(p["kl"], 0.0)) for p in pft]
         dominance[name] = {"pft_points": len(diffs), "beaten": sum(d > 0 for d in diffs),
                            "min_diff": min(diffs) if diffs else None,
                            "mean_diff": _mean(diffs) if diffs else None,

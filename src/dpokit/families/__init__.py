@@ -7,9 +7,10 @@ from .causal_lm import CausalLMFamily
 from .diffusion import DiffusionFamily
 from .policy import PolicyFamily
 from .recommender import RecommenderFamily
+from .vlm import VLMFamily
 
 FAMILIES = {"causal_lm": CausalLMFamily, "diffusion": DiffusionFamily, "policy": PolicyFamily,
-            "recommender": RecommenderFamily}
+            "recommender": RecommenderFamily, "vlm": VLMFamily}
 
 
 def register_family(family: type[Family]) -> type[Family]:
