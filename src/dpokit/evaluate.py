@@ -162,7 +162,7 @@ def read_completions(source: Any, tokenizer, cfg) -> list[tuple[int, Example]]:
 def score_responses(models: Models, source: Any, batch_size: int | None = None, progress: bool = True) -> list[dict]:
     """One dict per row: `row`, `reward` (β·(log π − log π_ref), or β·log π/|y| reference-free),
     `logp`, `ref_logp` (None reference-free) and `tokens` (the response's length)."""
-    rows = read_completions(source, models.tokenizer, models.cfg)
+    rows = models.family.completions(source, models.tokenizer, models.cfg)
     beta = models.cfg.beta
     numbers = iter(number for number, _ in rows)
     out = []
@@ -224,7 +224,7 @@ def run_eval(model: str | Path, data: Any = None, prompts: Any = None, *, ref_mo
     if prompts:
         if models.reference is None and not models.adapters_off:
             raise DpokitError("sample-based eval needs a reference model to compare with; pass --ref-model")
-        chosen = read_prompts(prompts, num_prompts)
+        chosen = models.family.prompts(prompts, models.tokenizer, num_prompts)
         out = sample_eval(models.policy, models.reference, models.tokenizer, chosen, judge,
                           max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                           batch_size=batch_size or models.cfg.per_device_eval_batch_size, seed=seed,

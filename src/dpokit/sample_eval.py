@@ -37,7 +37,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import TrainConfig
-from .data import Example
 from .errors import DpokitError
 from .families import Family, get_family
 from .judges import Judge, outcome
@@ -122,7 +121,7 @@ def sample_eval(policy: nn.Module, reference: nn.Module | None, tokenizer, promp
         with ref_context():
             refs = family.sample(ref_model, tokenizer, prompts, desc="generate (reference)", **settings)
         # The policy's replies, scored by both models; no rejected reply, so nothing is scored for one.
-        examples = [Example(c.prompt_ids, c.completion_ids, []) for c in pol]
+        examples = [family.reply_example(c) for c in pol]
         scorer = family.scorer(policy, cfg).eval()
         with torch.no_grad():
             scored = list(score_examples(family, scorer, examples, cfg, tokenizer, batch_size, reference=ref,

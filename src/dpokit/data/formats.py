@@ -93,6 +93,33 @@ def _is_messages(value: Any) -> bool:
     return isinstance(value, list) and all(isinstance(m, dict) for m in value)
 
 
+TEXT_ONLY = "a text-only model cannot read them; use family: vlm with an image-text-to-text model"
+
+
+def _image_part(message: dict) -> bool:
+    """Whether a message's content is a list of parts with an image among them (TRL's vision layout)."""
+    content = message.get("content")
+    return isinstance(content, list) and any(isinstance(p, dict) and p.get("type") in ("image", "image_url")
+                                             for p in content)
+
+
+def refuse_images(row: dict) -> None:
+    """A row of TRL's vision layout is not text: its `images`/`image` field, or an image part in a message, is a
+    RowProblem for the text readers (the vlm family reads such rows with its own code, not this)."""
+    for key in ("images", "image"):
+        value = row.get(key)
+        if value is not None and not (isinstance(value, (list, tuple)) and not value):
+            raise RowProblem(f"field {key!r} holds images: {TEXT_ONLY}")
+    for key in ("prompt", "chosen", "rejected", "completion", "response"):
+        value = row.get(key)
+        replies = value if _is_reply_list(value) and not _is_messages(value) else [value]  # S-DPO: several
+        for reply in replies:
+            if _is_messages(reply):
+                i = next((i for i, m in enumerate(reply) if _image_part(m)), None)
+                if i is not None:
+                    raise RowProblem(f"field {key!r} holds images (message {i} has an image part): {TEXT_ONLY}")
+
+
 def text_field(row: dict, *keys: str, where: str = "") -> str | list[dict]:
     """A row's prompt or reply field: a non-empty string, or a non-empty list of {role, content} messages.
 
@@ -112,6 +139,8 @@ def text_field(row: dict, *keys: str, where: str = "") -> str | list[dict]:
         if not value:
             raise RowProblem(f"{label} is an empty message list")
         for i, m in enumerate(value):
+            if _image_part(m):
+                raise RowProblem(f"{label} holds images (message {i} has an image part): {TEXT_ONLY}")
             if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
                 raise RowProblem(f"{label}: message {i} needs string 'role' and 'content', got {_short(m)}")
         return value
@@ -193,6 +222,7 @@ def _blank(reply: str | list[dict]) -> bool:
 
 
 def row_to_pair(row: dict) -> Pair:
+    refuse_images(row)
     chosen, rejected = text_field(row, "chosen"), text_field(row, "rejected")
     if "prompt" in row and row["prompt"] is not None:
         prompt = text_field(row, "prompt")
@@ -226,6 +256,7 @@ def _is_reply_list(value: Any) -> bool:
 
 
 def row_to_group(row: dict) -> Group:
+    refuse_images(row)
     chosen = text_field(row, "chosen")
     rejected = [text_field({f"rejected[{k}]": r}, f"rejected[{k}]") for k, r in enumerate(row["rejected"])]
     if "prompt" in row and row["prompt"] is not None:
@@ -246,6 +277,7 @@ def row_to_group(row: dict) -> Group:
 
 
 def row_to_unpaired(row: dict) -> Unpaired:
+    refuse_images(row)
     if "chosen" in row or "rejected" in row:
         raise RowProblem("a row is either a pair (chosen, rejected) or unpaired (completion, label), not both")
     if row.get("prompt") is None:

@@ -195,6 +195,27 @@ class Family:
         """Capability "sample": outputs for each prompt."""
         self.require("sample", "sampling")
 
+    def prompts(self, source: Any, processor: Any, limit: int | None = None) -> list:
+        """Capability "sample": held-out prompts from a file, as `sample` takes them (`dpokit eval --prompts`).
+        Default: text prompts (a `prompt` field, or the implicit prompt of a preference row)."""
+        from ..evaluate import read_prompts
+
+        return read_prompts(source, limit)
+
+    def reply_example(self, completion: Any) -> Example:
+        """Capability "sample": one of `sample`'s outputs as an example whose chosen output is the reply and which
+        holds no rejected one, for the reply's log-probs (sample eval's KL). Default: a token model's `Completion`."""
+        from ..data import Example as TokenExample
+
+        return TokenExample(completion.prompt_ids, completion.completion_ids, [])
+
+    def completions(self, source: Any, processor: Any, cfg) -> list[tuple[int, Example]]:
+        """(row number, example) of each prompt + completion row, the completion as the chosen output and no
+        rejected one (`dpokit score`). Default: text rows (`evaluate.read_completions`)."""
+        from ..evaluate import read_completions
+
+        return read_completions(source, processor, cfg)
+
     def load_trained(self, path: str, cfg=None) -> tuple[nn.Module, Any]:
         """Capability "load_trained": a saved model and its processor, frozen, for eval and score."""
         self.require("load_trained", "loading a trained model")

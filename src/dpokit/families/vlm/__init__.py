@@ -8,6 +8,7 @@ pixels.
 - positions.py: where each block lies in a batch, and the 3-D positions of M-RoPE models (Qwen2-VL's line);
 - scorer.py: `VLMScorer`, the vision tower once per batch, then the causal-LM scorer;
 - loading.py: models, processors, LoRA on the language model, the vision switch;
+- sampling.py: replies to prompts with images (sample eval) and the held-out prompts it reads;
 - images.py: images as rows hold them.
 """
 
@@ -24,6 +25,7 @@ from ..causal_lm import collate as causal_collate
 from .data import VLMExample, load_examples
 from .loading import load_model, load_processor, load_trained, prepare_training
 from .positions import check_placements, placements, positions_3d
+from .sampling import ImageMessages, ImagePrompt, VLMCompletion, read_prompts, sample
 from .scorer import VLMScorer
 
 
@@ -79,7 +81,7 @@ class VLMFamily(Family):
     name = "vlm"
     likelihood = "exact"
     config_class = VLMConfig
-    capabilities = frozenset({"load_trained"})
+    capabilities = frozenset({"sample", "load_trained"})
 
     def load_policy(self, cfg):
         if not cfg.model:
@@ -135,10 +137,28 @@ class VLMFamily(Family):
         model.save_pretrained(path, safe_serialization=True)
         processor.save_pretrained(path)
 
+    def sample(self, model, processor, prompts, **settings) -> list[VLMCompletion]:
+        """Replies to prompts with images (`ImagePrompt`, `ImageMessages`, rows with `prompt` and `images`, or text);
+        the settings (num_generations, max_new_tokens, temperature, top_p, seed, batch_size, ...) are the causal-LM
+        sampler's."""
+        return sample(model, processor, prompts, **settings)
+
+    def prompts(self, source, processor, limit=None) -> list:
+        """Held-out prompts with their images (`dpokit eval --prompts`): the training rows' prompts and
+        `images`/`image`, paths relative to the file."""
+        return read_prompts(source, processor, limit)
+
+    def reply_example(self, completion: VLMCompletion) -> VLMExample:
+        return completion.example()
+
+    def completions(self, source, processor, cfg):
+        raise DpokitError("dpokit score does not read images yet (family vlm); 'dpokit eval RUN --data FILE' "
+                          "scores preference pairs with their images")
+
     def load_trained(self, path, cfg=None):
         """The frozen policy at `path` (a full model folder, or a peft adapter folder on its base) and its
         processor."""
         return load_trained(path, cfg if cfg is not None else TrainConfig(family="vlm"))
 
 
-__all__ = ["VLMFamily", "VLMConfig", "VLMExample", "VLMScorer"]
+__all__ = ["VLMFamily", "VLMConfig", "VLMExample", "VLMScorer", "VLMCompletion", "ImagePrompt", "ImageMessages"]
