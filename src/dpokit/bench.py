@@ -495,6 +495,10 @@ def run_bench(args) -> None:
         from .bench_diffusion import run_bench as run_diffusion
 
         return run_diffusion(args, device)
+    if args.family == "vlm":
+        from .bench_vlm import run_bench as run_vlm
+
+        return run_vlm(args, device)
     if args.model and args.shape != "tiny":
         from .errors import DpokitError
         raise DpokitError("--model benchmarks that model: leave out --shape")
@@ -535,9 +539,10 @@ def run_bench(args) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--family", choices=("causal_lm", "diffusion"), default="causal_lm",
+    p.add_argument("--family", choices=("causal_lm", "diffusion", "vlm"), default="causal_lm",
                    help="causal_lm: dpokit vs TRL's DPOTrainer; diffusion: dpokit vs the diffusers Diffusion-DPO "
-                        "script's step (see dpokit.bench_diffusion)")
+                        "script's step (see dpokit.bench_diffusion); vlm: dpokit vs TRL's DPOTrainer on a LLaVA "
+                        "(see dpokit.bench_vlm)")
     p.add_argument("--pairs", type=int, default=256)
     p.add_argument("--repeats", type=int, default=3, help="runs of each trainer, interleaved (default 3)")
     p.add_argument("--batch-size", type=int, default=8)
@@ -566,3 +571,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from .bench_diffusion import add_arguments as diffusion_arguments
 
     diffusion_arguments(p)
+    from .bench_vlm import add_arguments as vlm_arguments
+
+    vlm_arguments(p)
