@@ -168,7 +168,7 @@ def write_pairs(folder: Path, n: int, image_size: int, eos: str, seed: int) -> P
 def build_processor(s: VLMSettings):
     from transformers import CLIPImageProcessor, LlavaProcessor
 
-    from .families.vlm.tiny import _TEMPLATE
+    from .families import get_family
     from .tiny import build_tokenizer
 
     tok = build_tokenizer(corpus() * 3, vocab_size=s.vocab_size, extra_special_tokens=["<image>"])
@@ -176,7 +176,7 @@ def build_processor(s: VLMSettings):
                                 crop_size={"height": s.image_size, "width": s.image_size})
     return LlavaProcessor(image_processor=images, tokenizer=tok, patch_size=s.patch_size,
                           vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                          chat_template=_TEMPLATE.replace("IMAGE", "<image>"))
+                          chat_template=get_family("vlm").chat_template("<image>"))
 
 
 def llava_config(s: VLMSettings, tokenizer):
@@ -332,10 +332,11 @@ def trl_peft_config(model, s: VLMSettings):
     full beside them (`modules_to_save`) or frozen."""
     from peft import LoraConfig
 
-    from .families.vlm.loading import language_lora_targets, parts
+    from .families import get_family
 
-    extra = {"modules_to_save": list(parts(model)[2])} if s.vision_tower == "trained" else {}
-    return LoraConfig(task_type="CAUSAL_LM", target_modules=language_lora_targets(model), **LORA, **extra)
+    vlm = get_family("vlm")
+    extra = {"modules_to_save": list(vlm.vision_modules(model))} if s.vision_tower == "trained" else {}
+    return LoraConfig(task_type="CAUSAL_LM", target_modules=vlm.lora_targets(model), **LORA, **extra)
 
 
 def _work_trl(workdir: Path, s: VLMSettings) -> dict:
@@ -344,7 +345,7 @@ def _work_trl(workdir: Path, s: VLMSettings) -> dict:
     from trl import DPOConfig, DPOTrainer
 
     from .bench import _sync
-    from .families.vlm.loading import parts
+    from .families import get_family
 
     run_dir = Path(tempfile.mkdtemp(dir=workdir))
     t0 = time.perf_counter()
@@ -363,7 +364,7 @@ def _work_trl(workdir: Path, s: VLMSettings) -> dict:
     if s.lora:
         peft = trl_peft_config(model, s)
     elif s.vision_tower == "frozen":
-        for module in parts(model)[2].values():
+        for module in get_family("vlm").vision_modules(model).values():
             module.requires_grad_(False)
     trainer = DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=processor, peft_config=peft)
     t1, c1 = time.perf_counter(), time.process_time()

@@ -137,6 +137,26 @@ class VLMFamily(Family):
         model.save_pretrained(path, safe_serialization=True)
         processor.save_pretrained(path)
 
+    # ------------------------------------------------------------ for code that builds its own runs (bench_vlm)
+
+    def lora_targets(self, model) -> str:
+        """peft `target_modules` for every linear layer of the language model and none of the vision side."""
+        from .loading import language_lora_targets
+
+        return language_lora_targets(model)
+
+    def vision_modules(self, model) -> dict:
+        """The vision tower and projector by module name."""
+        from .loading import parts
+
+        return parts(model)[2]
+
+    def chat_template(self, image_token: str) -> str:
+        """The small chat template the tiny test models use, with `image_token` for an image part."""
+        from .tiny import _TEMPLATE
+
+        return _TEMPLATE.replace("IMAGE", image_token)
+
     def sample(self, model, processor, prompts, **settings) -> list[VLMCompletion]:
         """Replies to prompts with images (`ImagePrompt`, `ImageMessages`, rows with `prompt` and `images`, or text);
         the settings (num_generations, max_new_tokens, temperature, top_p, seed, batch_size, ...) are the causal-LM
