@@ -349,18 +349,20 @@ def worker(kind: str, workdir: str, settings: dict, overrides: dict) -> None:
     print("BENCH " + json.dumps(out), flush=True)
 
 
-def _spawn(kind: str, workdir: Path, s: Settings, overrides: dict) -> dict:
-    code = ("import json, sys; from dpokit.bench import worker; "
-            "worker(sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), json.loads(sys.argv[4]))")
+def spawn_worker(module: str, kind: str, workdir: Path, device: str, *payload) -> dict:
+    """`module.worker(kind, workdir, *payload)` in a fresh process (so one run's memory never pollutes the next's
+    peak RSS); the dict it printed on its `BENCH` line. Every family's bench runs its trainers this way."""
+    code = (f"import json, sys; from {module} import worker; "
+            "worker(sys.argv[1], sys.argv[2], *[json.loads(a) for a in sys.argv[3:]])")
     # A CPU run on a GPU machine must not find the GPU: accelerate would take it.
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""} if s.device == "cpu" else None
-    proc = subprocess.run([sys.executable, "-c", code, kind, str(workdir), json.dumps(s.__dict__),
-                           json.dumps(overrides)], capture_output=True, text=True, env=env)
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""} if device == "cpu" else None
+    proc = subprocess.run([sys.executable, "-c", code, kind, str(workdir), *[json.dumps(p) for p in payload]],
+                          capture_output=True, text=True, env=env)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH ")]
     if proc.returncode != 0 or not lines:
         from .errors import DpokitError
         tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
-        raise DpokitError(f"the {kind} benchmark run failed (exit {proc.returncode}):\n{tail}")
+        raise DpokitError(f"the {kind} benchmark run ({module}) failed (exit {proc.returncode}):\n{tail}")
     return json.loads(lines[-1][len("BENCH "):])
 
 
@@ -428,7 +430,8 @@ def compare(s: Settings, repeats: int, data: Path | None, prompt_tokens: int | N
         runs: dict[str, list] = {"dpokit": [], "trl": []}
         for i in range(repeats):
             for kind in (("dpokit", "trl") if i % 2 == 0 else ("trl", "dpokit")):
-                r = _spawn(kind, work, s, (dpokit_overrides if kind == "dpokit" else trl_overrides) or {})
+                r = spawn_worker("dpokit.bench", kind, work, s.device, s.__dict__,
+                                 (dpokit_overrides if kind == "dpokit" else trl_overrides) or {})
                 r["load"] = _load()
                 runs[kind].append(r)
                 # The peak is measured again after every run and the best kept: on a shared machine one

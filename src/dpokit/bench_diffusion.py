@@ -36,8 +36,6 @@ import json
 import os
 import random
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -497,20 +495,6 @@ def worker(kind: str, workdir: str, settings: dict) -> None:
     print("BENCH " + json.dumps(out), flush=True)
 
 
-def _spawn(kind: str, workdir: Path, s: DiffusionSettings) -> dict:
-    code = ("import json, sys; from dpokit.bench_diffusion import worker; "
-            "worker(sys.argv[1], sys.argv[2], json.loads(sys.argv[3]))")
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""} if s.device == "cpu" else None
-    proc = subprocess.run([sys.executable, "-c", code, kind, str(workdir), json.dumps(asdict(s))],
-                          capture_output=True, text=True, env=env)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH ")]
-    if proc.returncode != 0 or not lines:
-        from .errors import DpokitError
-        tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
-        raise DpokitError(f"the {kind} diffusion benchmark run failed (exit {proc.returncode}):\n{tail}")
-    return json.loads(lines[-1][len("BENCH "):])
-
-
 # ---------------------------------------------------------------- the comparison
 
 KINDS = ("peer", "dpokit")
@@ -537,7 +521,7 @@ def summarize(runs: list[dict], pairs: int, epochs: int) -> dict:
 
 def compare(s: DiffusionSettings, repeats: int, say=print) -> dict:
     """Both trainers `repeats` times each, alternating which goes first; the median of each."""
-    from .bench import _load
+    from .bench import _load, spawn_worker
 
     with tempfile.TemporaryDirectory(prefix="dpokit-bench-diffusion-") as tmp:
         work = Path(tmp)
@@ -554,7 +538,7 @@ def compare(s: DiffusionSettings, repeats: int, say=print) -> dict:
         runs: dict[str, list] = {k: [] for k in KINDS}
         for i in range(repeats):
             for kind in (KINDS if i % 2 == 0 else KINDS[::-1]):
-                r = _spawn(kind, work, s)
+                r = spawn_worker("dpokit.bench_diffusion", kind, work, s.device, asdict(s))
                 r["load"] = _load()
                 runs[kind].append(r)
                 gpu = f", peak GPU memory {r['gpu_peak_mb']:.0f} MB" if r.get("gpu_peak_mb") else ""

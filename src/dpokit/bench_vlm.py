@@ -48,8 +48,6 @@ import json
 import os
 import random
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -403,21 +401,6 @@ def worker(kind: str, workdir: str, settings: dict) -> None:
     print("BENCH " + json.dumps(out), flush=True)
 
 
-def _spawn(kind: str, workdir: Path, s: VLMSettings) -> dict:
-    code = ("import json, sys; from dpokit.bench_vlm import worker; "
-            "worker(sys.argv[1], sys.argv[2], json.loads(sys.argv[3]))")
-    # A CPU run on a GPU machine must not find the GPU: accelerate would take it.
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""} if s.device == "cpu" else None
-    proc = subprocess.run([sys.executable, "-c", code, kind, str(workdir), json.dumps(asdict(s))],
-                          capture_output=True, text=True, env=env)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH ")]
-    if proc.returncode != 0 or not lines:
-        from .errors import DpokitError
-        tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
-        raise DpokitError(f"the {kind} vlm benchmark run failed (exit {proc.returncode}):\n{tail}")
-    return json.loads(lines[-1][len("BENCH "):])
-
-
 # ---------------------------------------------------------------- the comparison
 
 KINDS = ("trl", "dpokit")
@@ -456,7 +439,7 @@ def describe(info: dict, s: VLMSettings) -> str:
 
 def compare(s: VLMSettings, repeats: int, say=print) -> dict:
     """Both trainers `repeats` times each, alternating which goes first; the median of each."""
-    from .bench import _load
+    from .bench import _load, spawn_worker
 
     with tempfile.TemporaryDirectory(prefix="dpokit-bench-vlm-") as tmp:
         work = Path(tmp)
@@ -465,7 +448,7 @@ def compare(s: VLMSettings, repeats: int, say=print) -> dict:
         runs: dict[str, list] = {k: [] for k in KINDS}
         for i in range(repeats):
             for kind in (("dpokit", "trl") if i % 2 == 0 else ("trl", "dpokit")):
-                r = _spawn(kind, work, s)
+                r = spawn_worker("dpokit.bench_vlm", kind, work, s.device, asdict(s))
                 r["load"] = _load()
                 runs[kind].append(r)
                 pre = (f", of which encoding {r['encode_s']:.1f} s and reference {r['ref_s']:.1f} s"
