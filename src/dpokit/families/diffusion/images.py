@@ -3,42 +3,21 @@ model's resolution. Problems are returned as one-line strings for the caller's D
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ...data import RowProblem
+from ...data.images import open_image as _open
 
-class ImageProblem(ValueError):
-    """What is wrong with one image, in words; the row loader adds file and row."""
+# What is wrong with one image (or row), in words; the row loader adds file and row. The shared reader's kind.
+ImageProblem = RowProblem
 
 
 def open_image(value: Any, base: Path | None, key: str):
-    """A PIL image from a row's value: a path (relative to the data file's folder), bytes, a PIL image, or
-    `datasets`' Image encoding {"bytes": ..., "path": ...} (bytes win: the path may be the one it had elsewhere)."""
-    from PIL import Image, UnidentifiedImageError
-
-    if isinstance(value, Image.Image):
-        return value
-    if isinstance(value, dict) and ("bytes" in value or "path" in value):
-        value = value.get("bytes") or value.get("path")
-    try:
-        if isinstance(value, (bytes, bytearray, memoryview)):
-            image = Image.open(io.BytesIO(bytes(value)))
-        elif isinstance(value, (str, Path)) and str(value).strip():
-            path = Path(value)
-            path = path if path.is_absolute() or base is None else base / path
-            if not path.is_file():
-                raise ImageProblem(f"field {key!r}: image file {str(path)!r} not found")
-            image = Image.open(path)
-        else:
-            raise ImageProblem(f"field {key!r} must be an image (a path, bytes or an Image value), got "
-                               f"{type(value).__name__}")
-        image.load()
-    except (UnidentifiedImageError, OSError) as e:
-        raise ImageProblem(f"field {key!r}: unreadable image ({str(e).splitlines()[0]})") from None
-    return image
+    """The row's image under `key` (see `dpokit.data.images.open_image`)."""
+    return _open(value, base, f"field {key!r}")
 
 
 def check_mode(image, channels: int, key: str):

@@ -1,37 +1,15 @@
-"""Images as TRL's vision rows hold them — a path, raw bytes, a PIL image, or a `datasets` Image value — → RGB PIL
-images. A problem is a `RowProblem`, so the loader names the file and row in one line."""
+"""Images as TRL's vision rows hold them → RGB PIL images (the shared reader, dpokit.data.images, then RGB)."""
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from typing import Any
 
-from ...data import RowProblem
+from ...data.images import open_image as _open
 
 
 def open_image(value: Any, base: Path | None, where: str):
-    """A PIL image from a row's value: a path (relative to the data file's folder), bytes, a PIL image, or
-    `datasets`' Image encoding {"bytes": ..., "path": ...} (bytes win: the path may be the one it had elsewhere).
-    Converted to RGB, as every image processor of an image-text-to-text model expects."""
-    from PIL import Image, UnidentifiedImageError
-
-    if isinstance(value, dict) and ("bytes" in value or "path" in value):
-        value = value.get("bytes") or value.get("path")
-    try:
-        if isinstance(value, Image.Image):
-            image = value
-        elif isinstance(value, (bytes, bytearray, memoryview)):
-            image = Image.open(io.BytesIO(bytes(value)))
-        elif isinstance(value, (str, Path)) and str(value).strip():
-            path = Path(value)
-            path = path if path.is_absolute() or base is None else base / path
-            if not path.is_file():
-                raise RowProblem(f"{where}: image file {str(path)!r} not found")
-            image = Image.open(path)
-        else:
-            raise RowProblem(f"{where} must be an image (a path, bytes or an Image value), got {type(value).__name__}")
-        image.load()
-    except (UnidentifiedImageError, OSError) as e:
-        raise RowProblem(f"{where}: unreadable image ({str(e).splitlines()[0]})") from None
+    """The row's image (see `dpokit.data.images.open_image`), converted to RGB, as every image processor of an
+    image-text-to-text model expects."""
+    image = _open(value, base, where)
     return image if image.mode == "RGB" else image.convert("RGB")
