@@ -8,6 +8,7 @@
     dpokit experiment policy [--out DIR] [--docs DIR] [--seed N] [--quick]
     dpokit experiment recommender [--data LOG [--items FILE]] [--beta B] [--out DIR] [--docs DIR] [--seed N] [--quick]
     dpokit experiment obd [--data DIR] [--wm-epochs N] [--out DIR] [--docs DIR] [--seed N] [--quick]
+    dpokit experiment vlm [--rpo-alpha A] [--out DIR] [--docs DIR] [--seed N] [--quick]
 
 Another experiment's flag is refused while the command line is parsed, before anything runs, in one line that
 names the experiment it belongs to. An experiment's module is imported only when it runs.
@@ -217,9 +218,26 @@ def _run_obd(args) -> None:
     obd.run(args.out, size=size, seed=args.seed, docs_dir=args.docs, command=command, data=args.data)
 
 
+def add_vlm(experiments) -> tuple[argparse.ArgumentParser, list[argparse.Action]]:
+    p = _experiment_parser(experiments, "vlm", "vision-language DPO vs preferred-FT against hallucinated attributes "
+                           "on easy-vqa: a small LLaVA built from scratch and warmed up, POVID-style pairs "
+                           "(needs easy-vqa)", out="the models, rows and vlm.json", docs="its section")
+    rpo = p.add_argument("--rpo-alpha", type=float, metavar="A",
+                         help="add A x the chosen replies' NLL to DPO's loss (RPO; default: none, the protocol's DPO)")
+    p.set_defaults(experiment_run=_run_vlm)
+    return p, [rpo]
+
+
+def _run_vlm(args) -> None:
+    from . import vlm
+
+    size, command = _sized(args, vlm, "vlm", rpo_alpha=("--rpo-alpha", args.rpo_alpha))
+    vlm.run(args.out, size=size, seed=args.seed, docs_dir=args.docs, command=command)
+
+
 EXPERIMENTS = {"frontier": add_frontier, "secalign": add_secalign, "hierarchy": add_hierarchy,
                "diffusion": add_diffusion, "onestep": add_onestep,
-               "policy": add_policy, "recommender": add_recommender, "obd": add_obd}
+               "policy": add_policy, "recommender": add_recommender, "obd": add_obd, "vlm": add_vlm}
 
 
 class _BelongsElsewhere(argparse.Action):
