@@ -332,21 +332,24 @@ def _work_trl(workdir: Path, s: Settings, overrides: dict) -> dict:
     return {"setup_s": t1 - t0, "ref_s": None, "seconds": t2 - t1, "wall_s": t2 - t0, "train_cpu_s": c2 - c1}
 
 
-def worker(kind: str, workdir: str, settings: dict, overrides: dict) -> None:
+def report_run(work, threads: int | None, *args) -> None:
+    """A worker's body, whatever the family: quiet logs, the torch thread count, `work(*args)`, then its timings
+    with the process's usage on the `BENCH` line `spawn_worker` reads."""
     import logging
 
-    logging.disable(logging.WARNING)
-    s = Settings(**settings)
-    if s.threads:
-        import torch
-
-        torch.set_num_threads(s.threads)
-    work = _work_dpokit if kind == "dpokit" else _work_trl
-    out = work(Path(workdir), s, overrides)
     import torch
 
+    logging.disable(logging.WARNING)
+    if threads:
+        torch.set_num_threads(threads)
+    out = work(*args)
     out.update(threads=torch.get_num_threads(), **_usage())
     print("BENCH " + json.dumps(out), flush=True)
+
+
+def worker(kind: str, workdir: str, settings: dict, overrides: dict) -> None:
+    s = Settings(**settings)
+    report_run(_work_dpokit if kind == "dpokit" else _work_trl, s.threads, Path(workdir), s, overrides)
 
 
 def spawn_worker(module: str, kind: str, workdir: Path, device: str, *payload) -> dict:

@@ -480,19 +480,10 @@ def _work_dpokit(workdir: Path, s: DiffusionSettings) -> dict:
 
 
 def worker(kind: str, workdir: str, settings: dict) -> None:
-    import logging
+    from .bench import report_run
 
-    logging.disable(logging.WARNING)
     s = DiffusionSettings(**settings)
-    import torch
-
-    if s.threads:
-        torch.set_num_threads(s.threads)
-    out = (_work_dpokit if kind == "dpokit" else _work_peer)(Path(workdir), s)
-    from .bench import _usage
-
-    out.update(threads=torch.get_num_threads(), **_usage())
-    print("BENCH " + json.dumps(out), flush=True)
+    report_run(_work_dpokit if kind == "dpokit" else _work_peer, s.threads, Path(workdir), s)
 
 
 # ---------------------------------------------------------------- the comparison

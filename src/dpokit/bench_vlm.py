@@ -53,9 +53,12 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .bench import LORA as _TEXT_LORA
+
 # The goal `dpokit bench --family vlm` checks: dpokit's pairs/s over TRL's, at a peak RSS no higher.
 GOAL_RATIO = 3.0
-LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0}
+# The causal-LM bench's adapters; the vlm family picks the language model's layers itself (lora_targets).
+LORA = {k: v for k, v in _TEXT_LORA.items() if k != "target_modules"}
 
 
 @dataclass
@@ -384,21 +387,13 @@ def _work_trl(workdir: Path, s: VLMSettings) -> dict:
 
 
 def worker(kind: str, workdir: str, settings: dict) -> None:
-    import logging
     import warnings
 
-    logging.disable(logging.WARNING)
-    warnings.filterwarnings("ignore")
+    from .bench import report_run
+
+    warnings.filterwarnings("ignore")  # transformers' torchvision notice, once per run
     s = VLMSettings(**settings)
-    import torch
-
-    if s.threads:
-        torch.set_num_threads(s.threads)
-    out = (_work_dpokit if kind == "dpokit" else _work_trl)(Path(workdir), s)
-    from .bench import _usage
-
-    out.update(threads=torch.get_num_threads(), **_usage())
-    print("BENCH " + json.dumps(out), flush=True)
+    report_run(_work_dpokit if kind == "dpokit" else _work_trl, s.threads, Path(workdir), s)
 
 
 # ---------------------------------------------------------------- the comparison

@@ -79,11 +79,11 @@ def train_bc(rows_path: Path, catalogue: Path, out: Path, size: dict, seed: int)
     return str(out), training_log(train(cfg))
 
 
-def tune(bc_dir: str, data: Path, out: Path, loss_type: str, size: dict, seed: int, catalogue: Path,
+def tune(bc_dir: str, data: Path, rows: int, out: Path, loss_type: str, size: dict, seed: int, catalogue: Path,
          eval_rows: Path) -> tuple[str, dict]:
-    """DPO, S-DPO or DMPO from the BC policy (the reference) through dpokit's loop; the validation rows evaluated
-    from the start and every epoch, so report.html plots the collapse guards over training."""
-    rows = sum(1 for _ in open(data, encoding="utf-8"))
+    """DPO, S-DPO or DMPO from the BC policy (the reference) through dpokit's loop on `data` (`rows` rows); the
+    validation rows evaluated from the start and every epoch, so report.html plots the collapse guards over
+    training."""
     cfg = TrainConfig(model=bc_dir, family="recommender", train_data=str(data), output_dir=str(out),
                       loss_type=loss_type, beta=size["beta"], learning_rate=size["learning_rate"],
                       lr_scheduler_type="constant", num_train_epochs=size["epochs"],
@@ -269,8 +269,8 @@ def run(out_dir: str | Path = "runs/recommender", size: dict | None = None, seed
     models, logs = {"bc": bc_dir}, {"bc": bc_log}
     valid = out / "rows.valid.jsonl"
     for key, loss_type in TUNED:
-        models[key], logs[key] = tune(bc_dir, pair_path if key == "dpo" else group_path, out / key, loss_type,
-                                      size, seed, catalogue, valid)
+        rows = (pair_path, len(pairs)) if key == "dpo" else (group_path, len(groups))
+        models[key], logs[key] = tune(bc_dir, *rows, out / key, loss_type, size, seed, catalogue, valid)
         first, last = logs[key].get("first", {}), logs[key].get("last", {})
         say(t0, f"{key}: {logs[key]['steps']} steps; " + ", ".join(
             f"{k} {first[k]:.4g} -> {last[k]:.4g}" for k in first if k in last))
