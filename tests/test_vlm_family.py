@@ -265,18 +265,18 @@ def test_text_model_refuses_vision_data(model_dirs, tiny_model_dir, image_dir, t
         assert (f"{data}, row 1" if family == "causal_lm" else "image-text-to-text") in err[-1], err[-1]
 
 
-def test_bidirectional_image_models_are_refused(tmp_path):
-    """Gemma 3's image tokens attend both ways, which the causal block layout would not reproduce: refused."""
-    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+def test_prefix_lm_models_are_refused(tmp_path):
+    """PaliGemma's whole prompt attends to itself both ways (a prefix-LM), which the layout does not do: refused."""
+    from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration
 
-    config = Gemma3Config(
-        text_config=dict(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, head_dim=16),
+    config = PaliGemmaConfig(
+        text_config=dict(model_type="gemma", vocab_size=300, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=16),
         vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=16, patch_size=4), mm_tokens_per_image=4)
-    Gemma3ForConditionalGeneration(config).save_pretrained(tmp_path / "gemma3")
-    with pytest.raises(dpokit.DpokitError, match="gemma3 model, whose image tokens attend to each other both ways"):
-        get_family("vlm").load_policy(load_config(None, family="vlm", model=str(tmp_path / "gemma3")))
+                           image_size=16, patch_size=4, projection_dim=32), projection_dim=32, image_token_id=299)
+    PaliGemmaForConditionalGeneration(config).save_pretrained(tmp_path / "paligemma")
+    with pytest.raises(dpokit.DpokitError, match="paligemma model, a prefix-LM whose whole prompt attends to itself"):
+        get_family("vlm").load_policy(load_config(None, family="vlm", model=str(tmp_path / "paligemma")))
 
 
 def test_bad_rows_can_be_skipped(loaded, image_dir, caplog):

@@ -1,5 +1,6 @@
 """Sampling from vision-language models (`family: vlm`): sample-based eval on prompts with images, replies that
-depend on the image, the replies' log-probs as the model's own forward gives them, and `dpokit score`'s one line."""
+depend on the image, and the replies' log-probs as the model's own forward gives them (`dpokit score`: see
+test_vlm_score.py)."""
 
 from __future__ import annotations
 
@@ -115,15 +116,6 @@ def test_a_bad_prompt_row_is_one_line(llava_run, image_dir, capsys):
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert status == 2 and "Traceback" not in "\n".join(err)
     assert err[-1].startswith(f"dpokit: error: {prompts}, row 2: ") and "not found" in err[-1], err[-1]
-
-
-def test_score_refuses_in_one_line(llava_run, image_dir, capsys):
-    data = write_rows(image_dir / "completions.jsonl",
-                      [{"prompt": "<image>Describe the image.", "completion": " A red square.", "image": "0.png"}])
-    status = main(["score", llava_run, "--data", data])
-    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert status == 2 and "Traceback" not in "\n".join(err)
-    assert err[-1].startswith("dpokit: error: dpokit score does not read images yet"), err[-1]
 
 
 def _load(model_dirs, kind):

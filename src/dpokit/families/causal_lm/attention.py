@@ -6,7 +6,8 @@ much as the rest of the model. Instead the model runs with an attention function
 transformers dispatches to by name (its AttentionInterface): given the blocks, it calls
 the model's own sdpa or eager attention once per block with that block's small mask, so
 the linear layers see one unpadded row and attention never looks across blocks. Without
-blocks (generation, plain padded batches) it is exactly the model's own attention.
+blocks (generation, plain padded batches) it is exactly the model's own attention, but for a
+prepared 4D mask (`dpokit_positions` given), which sliding-window layers get cut to their window.
 
 On a GPU the same blocks are gathered into one padded [blocks, heads, L, L] call per layer
 instead: there a model of this size is bound by kernel launches rather than FLOPs, so the
@@ -63,11 +64,15 @@ def _gathered_attention(fn, inner, module, query, key, value, attention_mask, bl
 
 
 def _block_attention(inner: str):
-    def attention(module, query, key, value, attention_mask, dpokit_blocks=None, **kwargs):
+    def attention(module, query, key, value, attention_mask, dpokit_blocks=None, dpokit_positions=None, **kwargs):
         fn = _inner_attention(module, inner)
-        if dpokit_blocks is None:
-            return fn(module, query, key, value, attention_mask, **kwargs)
         window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))  # Mistral, Gemma, ...
+        if dpokit_blocks is None:
+            if dpokit_positions is not None and window is not None:
+                # transformers hands a prepared 4D mask to every layer as it is, so a sliding-window layer would see
+                # past its window: cut it here, by the tokens' positions (packed blocks each start from 0)
+                attention_mask = _window_mask(attention_mask, dpokit_positions[:, None], window)
+            return fn(module, query, key, value, attention_mask, **kwargs)
         if one_call(query):
             return _gathered_attention(fn, inner, module, query, key, value, attention_mask, dpokit_blocks, window,
                                        kwargs)

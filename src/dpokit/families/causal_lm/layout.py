@@ -13,6 +13,10 @@ batch lie end to end in one row with no padding, and attention runs block by blo
 (attention.py), so no token attends across blocks and attention costs the sum of squared
 block lengths. Every target token carries the flat index of the hidden state that predicts it
 and the segment (chosen i or rejected i) it is summed into, so one scorer handles every layout.
+
+Some models let parts of the prompt attend to each other both ways (Gemma 3 each image's tokens):
+`spans` names them per example, and every mask of the layout lets a span's tokens see each
+other, as the model's own mask does, the rest staying causal.
 """
 
 from __future__ import annotations
@@ -56,7 +60,8 @@ def _targets(sizes: list[int], base: int, pred: list, target: list, seg: list, t
 
 
 def collate(examples: list[Example], pad_token_id: int, share_prompt: bool = True, padding_free: bool = True,
-            pack_tokens: int = 2048, attn_implementation: str = "sdpa") -> dict[str, torch.Tensor]:
+            pack_tokens: int = 2048, attn_implementation: str = "sdpa",
+            spans: list[list[tuple[int, int]]] | None = None) -> dict[str, torch.Tensor]:
     """Examples → one batch. Three layouts:
 
     - blocks (padding_free with sdpa or eager attention, the default): every block of the batch in one
@@ -66,6 +71,10 @@ def collate(examples: list[Example], pad_token_id: int, share_prompt: bool = Tru
       most `pack_tokens`, a [rows, 1, T, T] block-diagonal causal mask.
     - padded rows (padding_free off): one block per row; with share_prompt a 4D mask keeps rejected
       blind to chosen, without it the plain causal mask of the library (TRL's layout).
+
+    `spans` (per example, [start, end) ranges of its prompt) are the prompt tokens that attend to each other both
+    ways; the batch then carries their `span_ids` ([rows, T], one id per span and copy of the prompt, -1 elsewhere)
+    and never the library's own causal mask, which would not know them.
     """
     B = len(examples)
     groups = any(ex.is_group for ex in examples)
@@ -85,7 +94,8 @@ def collate(examples: list[Example], pad_token_id: int, share_prompt: bool = Tru
     position_ids = torch.zeros((len(rows), T), dtype=torch.long)
     block_id = torch.full((len(rows), T), -1, dtype=torch.long)
     part = torch.full((len(rows), T), -1, dtype=torch.long)
-    pred, target, seg, sizes = [], [], [], []
+    span_ids = torch.full((len(rows), T), -1, dtype=torch.long)
+    pred, target, seg, sizes, n_spans = [], [], [], [], 0
     for r, (_, row) in enumerate(rows):
         offset = 0
         for i, (tokens, lengths) in row:
@@ -96,6 +106,9 @@ def collate(examples: list[Example], pad_token_id: int, share_prompt: bool = Tru
                                                            [torch.arange(P, P + m) for m in lengths[1:]])
             part[r, offset:offset + n] = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
             block_id[r, offset:offset + n] = len(sizes)
+            for start, end in spans[i] if spans else ():  # the prompt opens every block, so each copy has them
+                span_ids[r, offset + start:offset + end] = n_spans
+                n_spans += 1
             sizes.append(lengths)
             # segments: chosen i → i, rejected k of example i → B + i·K + k
             _targets(lengths, r * T + offset, pred, target, seg, tokens, [i] + [B + i * K + k for k in range(K)])
@@ -113,12 +126,15 @@ def collate(examples: list[Example], pad_token_id: int, share_prompt: bool = Tru
         batch["rejected_mask"] = torch.tensor([[k < len(ex.negatives) for k in range(K)] for ex in examples])
     if examples[0].label is not None:
         batch["label"] = torch.tensor([bool(ex.label) for ex in examples])
+    both_ways = span_ids if spans and any(spans) else None
+    if both_ways is not None:
+        batch["span_ids"] = both_ways
     if one_row:
         batch["block_sizes"] = torch.tensor(sizes, dtype=torch.long)
-    elif not share_prompt and not padding_free:
+    elif not share_prompt and not padding_free and both_ways is None:
         batch["attention_mask"] = (block_id >= 0).long()  # plain padded rows: the library's own causal mask
     else:
-        batch["attention_mask"] = _block_mask(block_id, part, attn_implementation)
+        batch["attention_mask"] = _block_mask(block_id, part, attn_implementation, both_ways)
     return batch
 
 
@@ -127,12 +143,25 @@ def _sees(part: torch.Tensor) -> torch.Tensor:
     return (part[..., None, :] == PROMPT) | (part[..., :, None] == part[..., None, :])
 
 
-def _block_mask(block_id: torch.Tensor, part: torch.Tensor, attn_implementation: str) -> torch.Tensor:
-    """[rows, 1, T, T]: causal within a block, none across blocks, each completion blind to the others."""
+def _both_ways(span_ids: torch.Tensor) -> torch.Tensor:
+    """[..., T, T]: query and key lie in one span whose tokens attend to each other both ways (the same id >= 0)."""
+    return (span_ids[..., :, None] == span_ids[..., None, :]) & (span_ids[..., :, None] >= 0)
+
+
+def _open_spans(causal: torch.Tensor, span_ids: torch.Tensor | None) -> torch.Tensor:
+    """The causal mask with each span opened both ways: OR(causal, span), as transformers composes Gemma 3's mask
+    (a sliding window, applied afterwards by the attention, then cuts both, as in the model)."""
+    return causal if span_ids is None else causal | _both_ways(span_ids)
+
+
+def _block_mask(block_id: torch.Tensor, part: torch.Tensor, attn_implementation: str,
+                span_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """[rows, 1, T, T]: causal (spans both ways) within a block, none across blocks, each completion blind to the
+    others."""
     T = block_id.shape[1]
     same = block_id[:, :, None] == block_id[:, None, :]
     causal = torch.ones(T, T, dtype=torch.bool).tril()
-    allowed = same & causal & _sees(part)
+    allowed = same & _open_spans(causal, span_ids) & _sees(part)
     allowed |= torch.eye(T, dtype=torch.bool)  # pad queries see themselves, so no row is all -inf
     allowed = allowed[:, None]
     if attn_implementation == "sdpa":
@@ -140,12 +169,12 @@ def _block_mask(block_id: torch.Tensor, part: torch.Tensor, attn_implementation:
     return torch.zeros(allowed.shape).masked_fill_(~allowed, torch.finfo(torch.float32).min)
 
 
-def row_mask(sizes: torch.Tensor, attn_implementation: str) -> torch.Tensor:
+def row_mask(sizes: torch.Tensor, attn_implementation: str, span_ids: torch.Tensor | None = None) -> torch.Tensor:
     """The [1, 1, N, N] mask of a one-row block batch, for models without block attention."""
     block_id = torch.repeat_interleave(torch.arange(len(sizes), device=sizes.device), sizes.sum(1))[None]
     parts = torch.arange(sizes.shape[1], device=sizes.device).repeat(len(sizes))
     part = torch.repeat_interleave(parts, sizes.flatten())[None]
-    return _block_mask(block_id, part, attn_implementation)
+    return _block_mask(block_id, part, attn_implementation, span_ids)
 
 
 def block_masks(batch: dict[str, torch.Tensor], dtype: torch.dtype, inner: str):
@@ -161,11 +190,12 @@ def block_masks(batch: dict[str, torch.Tensor], dtype: torch.dtype, inner: str):
     part = (idx[:, :, None] >= ends[:, None, :-1]).sum(-1)
     start = (ends - sizes).gather(1, part)
     positions = torch.where(part == PROMPT, idx, sizes[:, :1] + idx - start)  # completions continue the prompt
+    real = idx < lengths[:, None]
+    gather = torch.where(real, (lengths.cumsum(0) - lengths)[:, None] + idx, 0)
+    span_ids = torch.where(real, batch["span_ids"][0][gather], -1) if "span_ids" in batch else None
     causal = idx[:, :, None] >= idx[:, None, :]
-    allowed = causal & _sees(part)
+    allowed = _open_spans(causal, span_ids) & _sees(part)
     mask = allowed[:, None]
     if inner == "eager":
         mask = torch.zeros(mask.shape, dtype=dtype, device=sizes.device).masked_fill_(~mask, torch.finfo(dtype).min)
-    real = idx < lengths[:, None]
-    gather = torch.where(real, (lengths.cumsum(0) - lengths)[:, None] + idx, 0)
     return mask, (lengths.tolist(), positions, gather, real.flatten().nonzero().squeeze(1))

@@ -71,9 +71,11 @@ class CausalLMScorer(nn.Module):
         inputs = {key: batch[key] for key in self.extra_inputs if key in batch}
         if "block_sizes" not in batch:
             mask = batch["attention_mask"]
+            if mask.dim() == 4 and batch["position_ids"].dim() == 2 and use_block_attention(self._base()):
+                inputs["dpokit_positions"] = batch["position_ids"]  # the layout's mask, windowed per layer
         elif not use_block_attention(self._base()):
             # A model that does not dispatch through the AttentionInterface: one row, one big mask.
-            mask = row_mask(batch["block_sizes"], body.config._attn_implementation)
+            mask = row_mask(batch["block_sizes"], body.config._attn_implementation, batch.get("span_ids"))
         else:
             inner = body.config._attn_implementation.removeprefix("dpokit_blocks_")
             # The stacked block masks are 4D, so transformers hands them to the attention untouched.

@@ -22,9 +22,9 @@ from ...config import TrainConfig
 from ...errors import DpokitError
 from ..base import Family, digest
 from ..causal_lm import collate as causal_collate
-from .data import VLMExample, load_examples
+from .data import VLMExample, completion_texts, load_examples, numbered_examples
 from .loading import load_model, load_processor, load_trained, prepare_training
-from .positions import check_placements, placements, positions_3d
+from .positions import check_placements, placements, positions_3d, prompt_spans
 from .sampling import ImageMessages, ImagePrompt, VLMCompletion, read_prompts, sample
 from .scorer import VLMScorer
 
@@ -107,7 +107,7 @@ class VLMFamily(Family):
 
     def collate(self, examples, cfg, processor):
         batch = causal_collate(examples, processor.tokenizer.pad_token_id, cfg.share_prompt, cfg.padding_free,
-                               cfg.pack_tokens, cfg.attn_implementation)
+                               cfg.pack_tokens, cfg.attn_implementation, prompt_spans(examples, processor))
         places = placements(examples, cfg.share_prompt, cfg.padding_free, cfg.pack_tokens, cfg.attn_implementation)
         check_placements(examples, places, batch["input_ids"])
         batch.update(collate_images(examples, places))
@@ -171,9 +171,11 @@ class VLMFamily(Family):
     def reply_example(self, completion: VLMCompletion) -> VLMExample:
         return completion.example()
 
-    def completions(self, source, processor, cfg):
-        raise DpokitError("dpokit score does not read images yet (family vlm); 'dpokit eval RUN --data FILE' "
-                          "scores preference pairs with their images")
+    def completions(self, source, processor, cfg) -> list[tuple[int, VLMExample]]:
+        """Prompt + completion rows with their images (`dpokit score`), each completion encoded as training encodes
+        a chosen reply; a bad row is one line naming file and row, as in training data."""
+        return numbered_examples(source, processor, cfg.max_length, cfg.max_prompt_length, cfg.on_bad_row,
+                                 completion_texts)
 
     def load_trained(self, path, cfg=None):
         """The frozen policy at `path` (a full model folder, or a peft adapter folder on its base) and its

@@ -16,6 +16,9 @@ Encoding follows TRL's vision collator (`DataCollatorForVisionPreference`): the 
 each prompt + reply as text, the prompt is their common character prefix, and the processor encodes the prompt with
 its images while the tokenizer encodes each reply alone, both without special tokens. The prompt (and its image
 tokens) is encoded once per pair, so each image is too.
+
+`dpokit score` reads TRL's prompt + completion rows (`completion` or `response`, with the same prompts and images) and
+encodes each completion exactly as a pair's chosen reply, with no rejected reply (`completion_texts`).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import numbers
 from dataclasses import dataclass, field
 from itertools import takewhile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -180,14 +183,15 @@ def _number(row: dict, key: str, default: float) -> float:
 
 @dataclass
 class Texts:
-    """A row as text: the rendered prompt and replies, and the prompt's images."""
+    """A row as text: the rendered prompt and replies, and the prompt's images. A scored reply (`dpokit score`) has
+    no rejected reply."""
 
     prompt: str
     chosen: str
-    rejected: str
+    rejected: str | None
     images: list
-    weight: float
-    margin: float
+    weight: float = 1.0
+    margin: float = 0.0
 
 
 def row_texts(row: dict, processor, base: Path | None) -> Texts:
@@ -208,35 +212,55 @@ def row_texts(row: dict, processor, base: Path | None) -> Texts:
         if isinstance(chosen, list):  # checked before they are split at their last assistant message
             chosen, rejected = _messages(chosen, "chosen"), _messages(rejected, "rejected")
         prompt, chosen, rejected = split_implicit_prompt(chosen, rejected)
-    if len({isinstance(x, list) for x in (prompt, chosen, rejected)}) != 1:
-        raise RowProblem("prompt, chosen and rejected must all be strings or all be message lists")
-    token = getattr(processor, "image_token", None)
-    if isinstance(prompt, list):
-        prompt, chosen, rejected = (_messages(v, k) for k, v in
-                                    (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)))
-        for key, reply in (("chosen", chosen), ("rejected", rejected)):
-            if _count_image_parts(reply):
-                raise RowProblem(f"field {key!r} holds an image part; images belong to the prompt, which chosen and "
-                                 "rejected share")
-        prompt = _place_images(prompt, len(images))
-        prompt_text, (chosen_text, rejected_text) = _conversation_texts(prompt, [chosen, rejected], processor)
-    else:
-        for key, value in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)):
-            if not isinstance(value, str) or not value.strip():
-                raise RowProblem(f"field {key!r} must be a non-empty string or a message list")
-        placeholders = prompt.count(token) if token else 0
-        if placeholders != len(images):
-            raise RowProblem(f"the prompt holds {placeholders} image placeholder(s) ({token!r}) but the row has "
-                             f"{len(images)} image(s)")
-        for key, value in (("chosen", chosen), ("rejected", rejected)):
-            if token and token in value:
-                raise RowProblem(f"field {key!r} holds the image placeholder {token!r}; images belong to the prompt")
-        eos = processor.tokenizer.eos_token or ""
-        prompt_text = prompt
-        chosen_text, rejected_text = (r if r.endswith(eos) else r + eos for r in (chosen, rejected))
+    prompt_text, (chosen_text, rejected_text) = _render(prompt, {"chosen": chosen, "rejected": rejected}, images,
+                                                        processor)
     if chosen_text == rejected_text:
         raise RowProblem("chosen and rejected are identical")
     return Texts(prompt_text, chosen_text, rejected_text, images, _weight(row), _number(row, "margin", 0.0))
+
+
+def completion_texts(row: dict, processor, base: Path | None) -> Texts:
+    """A prompt + completion row (TRL's vision layout, `dpokit score`) → its prompt and completion as text and its
+    images, rendered as `row_texts` renders a pair's chosen reply, so the completion is scored as training scores it.
+    The completion is `completion` or `response`; there is no rejected reply."""
+    if row.get("prompt") is None:
+        raise RowProblem("missing field 'prompt'")
+    key = next((k for k in ("completion", "response") if row.get(k) is not None), None)
+    if key is None:
+        raise RowProblem("missing field 'completion' or 'response'")
+    images = _images(row, base)
+    prompt_text, (text,) = _render(row["prompt"], {key: row[key]}, images, processor)
+    return Texts(prompt_text, text, None, images)
+
+
+def _render(prompt: Any, replies: dict[str, Any], images: list, processor) -> tuple[str, list[str]]:
+    """The prompt and its replies (keyed by their field, which a problem names) as the text training encodes,
+    checked against the row's images: messages through the chat template, strings with the image placeholders in
+    the prompt and EOS after each reply. Shared by pairs and scored replies so that both encode a reply alike."""
+    names = ["prompt", *replies]
+    if len({isinstance(x, list) for x in (prompt, *replies.values())}) != 1:
+        each = "both" if len(names) == 2 else "all"
+        raise RowProblem(f"{', '.join(names[:-1])} and {names[-1]} must {each} be strings or {each} be message lists")
+    token = getattr(processor, "image_token", None)
+    if isinstance(prompt, list):
+        prompt = _messages(prompt, "prompt")
+        replies = {key: _messages(reply, key) for key, reply in replies.items()}
+        for key, reply in replies.items():
+            if _count_image_parts(reply):
+                raise RowProblem(f"field {key!r} holds an image part; images belong to the prompt")
+        return _conversation_texts(_place_images(prompt, len(images)), list(replies.values()), processor)
+    for key, value in zip(names, (prompt, *replies.values())):
+        if not isinstance(value, str) or not value.strip():
+            raise RowProblem(f"field {key!r} must be a non-empty string or a message list")
+    placeholders = prompt.count(token) if token else 0
+    if placeholders != len(images):
+        raise RowProblem(f"the prompt holds {placeholders} image placeholder(s) ({token!r}) but the row has "
+                         f"{len(images)} image(s)")
+    for key, value in replies.items():
+        if token and token in value:
+            raise RowProblem(f"field {key!r} holds the image placeholder {token!r}; images belong to the prompt")
+    eos = processor.tokenizer.eos_token or ""
+    return prompt, [r if r.endswith(eos) else r + eos for r in replies.values()]
 
 
 def _weight(row: dict) -> float:
@@ -266,7 +290,7 @@ def uses_mrope(processor) -> bool:
 
 def encode(texts: Texts, processor, max_length: int | None, max_prompt_length: int | None) -> VLMExample:
     """Token ids and image tensors of one row, truncated: image tokens are never cut, so a prompt whose image
-    tokens do not fit is a problem of the row."""
+    tokens do not fit is a problem of the row. A scored reply (no rejected text) gets no rejected ids."""
     try:
         # images nested per text, as processors that keep a text's images together (Idefics3) need them
         out = processor(text=[texts.prompt], images=[texts.images] if texts.images else None, add_special_tokens=False,
@@ -276,11 +300,11 @@ def encode(texts: Texts, processor, max_length: int | None, max_prompt_length: i
             from None
     prompt_ids = out["input_ids"][0].tolist()
     tokenizer = processor.tokenizer
-    chosen_ids, rejected_ids = (tokenizer(t, add_special_tokens=False)["input_ids"]
+    chosen_ids, rejected_ids = (tokenizer(t, add_special_tokens=False)["input_ids"] if t is not None else []
                                 for t in (texts.chosen, texts.rejected))
     if not prompt_ids:
         raise RowProblem("the prompt has no tokens")
-    if not chosen_ids or not rejected_ids:
+    if not chosen_ids or (texts.rejected is not None and not rejected_ids):
         raise RowProblem("a completion is empty after tokenization")
     image_id = image_token_id(processor)
     n_image_tokens = sum(t == image_id for t in prompt_ids) if image_id is not None else 0
@@ -297,7 +321,7 @@ def encode(texts: Texts, processor, max_length: int | None, max_prompt_length: i
             raise RowProblem(f"the prompt has {len(prompt_ids)} tokens{what}, leaving no room for a completion within "
                              f"max_length={max_length} (raise max_length{' or use smaller images' if what else ''})")
         chosen_ids, rejected_ids = chosen_ids[:room], rejected_ids[:room]
-    if chosen_ids == rejected_ids:
+    if rejected_ids and chosen_ids == rejected_ids:  # a rejected reply keeps >= 1 token; none when scoring one
         raise RowProblem(f"chosen and rejected are identical once tokenized and truncated to max_length={max_length}")
     images = {k: v for k, v in out.items() if k not in TEXT_KEYS and isinstance(v, torch.Tensor)}
     example = VLMExample(prompt_ids, chosen_ids, rejected_ids, texts.weight, texts.margin, images,
@@ -314,9 +338,17 @@ def encode(texts: Texts, processor, max_length: int | None, max_prompt_length: i
 
 def load_examples(source: Any, processor, max_length: int | None, max_prompt_length: int | None,
                   on_bad_row: str = "error") -> list[VLMExample]:
-    """Every pair of `source`. A bad row (a missing or unreadable image, placeholders and images that disagree in
-    number, image tokens that do not fit) stops with file, row and problem, or with on_bad_row=skip is dropped and
-    counted in one warning."""
+    """Every pair of `source` (see `numbered_examples`)."""
+    return [ex for _, ex in numbered_examples(source, processor, max_length, max_prompt_length, on_bad_row)]
+
+
+def numbered_examples(source: Any, processor, max_length: int | None, max_prompt_length: int | None,
+                      on_bad_row: str = "error",
+                      read: Callable[..., Texts] = row_texts) -> list[tuple[int, VLMExample]]:
+    """(row number, example) of every good row of `source`, `read` turning a row into text (`row_texts`: a pair;
+    `completion_texts`: a reply to score, which keeps its row number in `dpokit score`'s output). A bad row (a
+    missing or unreadable image, placeholders and images that disagree in number, image tokens that do not fit)
+    stops with file, row and problem, or with on_bad_row=skip is dropped and counted in one warning."""
     if max_length is not None and max_length < 2:
         raise DpokitError(f"max_length must be >= 2 (a prompt token and a completion token), got {max_length}")
     name = describe(source)
@@ -328,7 +360,7 @@ def load_examples(source: Any, processor, max_length: int | None, max_prompt_len
         try:
             if isinstance(row, RowProblem):
                 raise row
-            out.append(encode(row_texts(row, processor, base), processor, max_length, max_prompt_length))
+            out.append((number, encode(read(row, processor, base), processor, max_length, max_prompt_length)))
         except RowProblem as e:
             if on_bad_row == "error":
                 raise DataError(name, number, f"{e} (set on_bad_row=skip to drop such rows)") from None

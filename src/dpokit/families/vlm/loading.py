@@ -16,9 +16,10 @@ DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, 
 # Where the models keep their parts, by transformers' attribute names (LLaVA, Qwen2-VL, Idefics3, PaliGemma, Gemma 3).
 LANGUAGE_PARTS = ("language_model", "text_model")
 VISION_PARTS = ("vision_tower", "visual", "vision_model", "multi_modal_projector", "connector")
-# Models whose image tokens attend to each other both ways (Gemma 3, PaliGemma's prefix): the causal block masks
-# of the layout would score them otherwise than the model does, so they are refused rather than scored inexactly.
-BIDIRECTIONAL_IMAGES = ("gemma3", "gemma3n", "paligemma")
+# Prefix-LMs, whose whole prompt attends to itself both ways (PaliGemma): refused rather than scored otherwise than the
+# model scores them. The layout could open the prompt as it opens Gemma 3's image spans (positions.py), but PaliGemma
+# also counts positions from 1 and, in PaliGemma 2, exempts the prefix from its sliding window, both untested here.
+PREFIX_LM = ("paligemma",)
 
 
 def load_model(path: str, cfg) -> nn.Module:
@@ -33,9 +34,9 @@ def load_model(path: str, cfg) -> nn.Module:
     except (OSError, ValueError) as e:
         raise DpokitError(f"cannot load model {path!r} as an image-text-to-text model (family vlm): "
                           f"{str(e).splitlines()[0]}") from None
-    if model.config.model_type in BIDIRECTIONAL_IMAGES:
-        raise DpokitError(f"{path!r} is a {model.config.model_type} model, whose image tokens attend to each other "
-                          "both ways; family vlm scores causal attention only and does not train it yet")
+    if model.config.model_type in PREFIX_LM:
+        raise DpokitError(f"{path!r} is a {model.config.model_type} model, a prefix-LM whose whole prompt attends to "
+                          "itself both ways; family vlm does not train it yet (it does Gemma 3)")
     return model
 
 

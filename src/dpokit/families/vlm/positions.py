@@ -14,6 +14,11 @@ import torch
 
 from ..causal_lm import BLOCK_ATTENTION_INNER
 
+# Models whose image tokens attend to each other both ways, each image's run of them, by the processor a batch is
+# collated with: Gemma 3 (the tokens its processor marks in `token_type_ids`, which transformers' mask opens in
+# training and in prefill alike). The layout opens these spans in every mask; everything else stays causal.
+IMAGE_SPAN_PROCESSORS = ("Gemma3Processor",)
+
 
 def mrope_positions(token_types: list[int], grids: torch.Tensor | None, merge: int) -> tuple[torch.Tensor, int]:
     """[3, P] positions of a prompt whose tokens are text (0) or image (1), the images' (t, h, w) patch grids in
@@ -86,3 +91,24 @@ def positions_3d(examples: list, places, position_ids: torch.Tensor) -> torch.Te
         pos[:, row, offset:offset + P] = ex.rope
         pos[:, row, offset + P:offset + n] += ex.rope_next - P
     return pos
+
+
+def image_spans(prompt_ids: list[int], image_ids: set[int]) -> list[tuple[int, int]]:
+    """[start, end) of each run of image tokens in a prompt: the spans Gemma 3's mask opens both ways (transformers'
+    `get_block_sequence_ids_for_mask` starts a new one wherever an image token follows a text token)."""
+    spans, start = [], None
+    for k, token in enumerate(prompt_ids + [None]):
+        if token in image_ids and start is None:
+            start = k
+        elif token not in image_ids and start is not None:
+            spans.append((start, k))
+            start = None
+    return spans
+
+
+def prompt_spans(examples: list, processor) -> list[list[tuple[int, int]]] | None:
+    """Per example, the prompt spans that attend both ways for this processor's model; None for a causal model."""
+    if type(processor).__name__ not in IMAGE_SPAN_PROCESSORS:
+        return None
+    image_ids = set(processor.image_token_ids)
+    return [image_spans(ex.prompt_ids, image_ids) for ex in examples]

@@ -1,6 +1,7 @@
 """Tiny vision-language models and their processors, built on the spot (nothing downloaded), for tests and
-benchmarks: a LLaVA (CLIP tower, Llama text model), a Qwen2-VL (M-RoPE) and an Idefics3 (SmolVLM's shape: images
-split into tiles), each saved as a folder that `AutoModelForImageTextToText` and `AutoProcessor` load.
+benchmarks: a LLaVA (CLIP tower, Llama text model), a Qwen2-VL (M-RoPE), an Idefics3 (SmolVLM's shape: images
+split into tiles) and a Gemma 3 (image tokens attending to each other both ways, sliding-window layers), each saved
+as a folder that `AutoModelForImageTextToText` and `AutoProcessor` load.
 
 Qwen2-VL's processor holds a video processor, which transformers builds only with torchvision installed; images
 need none, so the tiny one is `Qwen2VLImageProcessor` (registered with `AutoProcessor`, so its folder loads in a
@@ -135,5 +136,47 @@ def build_idefics3(path: str | Path, texts: Iterable[str], seed: int = 0, proces
     torch.manual_seed(seed)
     path = Path(path)
     Idefics3ForConditionalGeneration(config).save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+GEMMA3_IMAGE = "<start_of_image>"  # what a prompt holds per image; the processor expands it into the image's tokens
+
+
+def build_gemma3(path: str | Path, texts: Iterable[str], seed: int = 0, processor=None,
+                 sliding_window: int = 8) -> Path:
+    """A Gemma 3 with a one-layer SigLIP tower: each image resized to 16 × 16 pixels, 4-pixel patches pooled 2 × 2
+    into 4 image tokens between its begin and end tokens. Its two text layers are a sliding-window one (window
+    `sliding_window`, shorter than a prompt, so the window is exercised) and a global one. The projector, which
+    transformers initialises to zero (every image would then be the same tokens), is drawn at random, and the text
+    weights at 5 times the usual scale, so that how tokens attend shows in the log-probs."""
+    import torch
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3Processor, PreTrainedTokenizerFast
+    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+    if processor is None:
+        named = {"boi_token": GEMMA3_IMAGE, "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}
+        base = _tokenizer(texts, list(named.values()))
+        # the processor finds its image tokens by these names (tokenizer.boi_token, ...)
+        tok = PreTrainedTokenizerFast(tokenizer_object=base.backend_tokenizer, eos_token=base.eos_token,
+                                      pad_token=base.pad_token, bos_token=base.bos_token, extra_special_tokens=named)
+        images = Gemma3ImageProcessorPil(size={"height": 16, "width": 16})
+        processor = Gemma3Processor(image_processor=images, tokenizer=tok, image_seq_length=4,
+                                    chat_template=_TEMPLATE.replace("IMAGE", GEMMA3_IMAGE))
+    tok = processor.tokenizer
+    config = Gemma3Config(
+        text_config=_text_config(tok, head_dim=8, query_pre_attn_scalar=8, sliding_window=sliding_window,
+                                 layer_types=["sliding_attention", "full_attention"], initializer_range=0.1),
+        vision_config=dict(model_type="siglip_vision_model", hidden_size=16, intermediate_size=32,
+                           num_hidden_layers=1, num_attention_heads=2, image_size=16, patch_size=4),
+        mm_tokens_per_image=4, image_token_id=tok.image_token_id, boi_token_index=tok.boi_token_id,
+        eoi_token_index=tok.eoi_token_id, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.bos_token_id,
+    )
+    torch.manual_seed(seed)
+    model = Gemma3ForConditionalGeneration(config)
+    torch.nn.init.normal_(model.model.multi_modal_projector.mm_input_projection_weight, std=0.5)
+    path = Path(path)
+    model.save_pretrained(path)
     processor.save_pretrained(path)
     return path
