@@ -13,21 +13,19 @@ from __future__ import annotations
 
 import json
 
-import datasets
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import AutoModelForImageTextToText, AutoProcessor
-from trl import DPOConfig, DPOTrainer
+from transformers import AutoProcessor
 
-import dpokit
 from dpokit.config import load_config
 from dpokit.families import get_family
 from dpokit.families.causal_lm.layout import block_masks
 from dpokit.families.vlm.tiny import GEMMA3_IMAGE, build_gemma3
+from test_vlm_family import rows as family_rows
+from test_vlm_trl import dpokit_first_step, trl_first_step
 
-BETA = 2.0
 TEXTS = ["What is in the picture? A red square. A blue circle. Describe the image. It is green. Which shape? "
          "Nothing here."]
 SIZES = [(16, 24), (24, 24), (32, 16)]
@@ -53,21 +51,9 @@ def model_dirs(tmp_path_factory):
 
 
 def rows(images) -> list[dict]:
-    """A conversational row (its image put in by TRL's rule), one with two images, a standard row with the
-    placeholder, and a text-only row."""
-    a, b, c = images
-    return [
-        {"prompt": [{"role": "user", "content": "What is in the picture?"}],
-         "chosen": [{"role": "assistant", "content": "A red square."}],
-         "rejected": [{"role": "assistant", "content": "A blue circle, it is."}], "images": [a]},
-        {"prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Which shape?"},
-                                                 {"type": "image"}]}],
-         "chosen": [{"role": "assistant", "content": "It is green."}],
-         "rejected": [{"role": "assistant", "content": "Blue."}], "images": [b, c]},
-        {"prompt": GEMMA3_IMAGE + "Describe the image.", "chosen": " A red square.", "rejected": " It is a circle.",
-         "image": c},
-        {"prompt": "Nothing here.", "chosen": " A red square.", "rejected": " It is a circle."},
-    ]
+    """test_vlm_family's rows with Gemma 3's image placeholder: a conversational row (its image put in by TRL's
+    rule), one with two images, a standard row with the placeholder, and a text-only row."""
+    return family_rows(GEMMA3_IMAGE, images)
 
 
 @pytest.fixture(scope="module")
@@ -145,33 +131,6 @@ def test_image_spans_open_both_ways(loaded):
     spans = batch["span_ids"][0]
     assert spans[image].unique().numel() == 2 and (spans[~image] == -1).all()
     assert torch.equal(upper, (spans[:, None] == spans[None, :]).triu(1) & image[:, None])
-
-
-def trl_first_step(rows, policy, ref, processor, out) -> dict:
-    trainer = DPOTrainer(
-        model=AutoModelForImageTextToText.from_pretrained(policy),
-        ref_model=AutoModelForImageTextToText.from_pretrained(ref),
-        args=DPOConfig(output_dir=str(out), beta=BETA, per_device_train_batch_size=len(rows), max_length=None,
-                       max_steps=1, logging_steps=1, learning_rate=1e-6, report_to=[], use_cpu=True, bf16=False,
-                       gradient_checkpointing=False, save_strategy="no", disable_tqdm=True, seed=0,
-                       precompute_ref_log_probs=False),
-        train_dataset=datasets.Dataset.from_list(rows),
-        processing_class=processor,
-    )
-    trainer.train()
-    return trainer.state.log_history[0]
-
-
-def dpokit_first_step(rows, policy, ref, tmp) -> dict:
-    data = tmp / "pairs.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    result = dpokit.train(load_config(
-        None, family="vlm", model=str(policy), ref_model=str(ref), train_data=str(data), output_dir=str(tmp / "out"),
-        ref_cache_dir=str(tmp / "cache"), beta=BETA, per_device_train_batch_size=len(rows), max_length=None,
-        max_prompt_length=None, max_steps=1, logging_steps=1, learning_rate=1e-6, report_to=[], bf16=False,
-        disable_tqdm=True, save_steps=0, full_finetune=True, train_vision_tower=True,
-    ))
-    return result.history[0]
 
 
 def test_first_step_matches_trl(model_dirs, image_paths, tmp_path):

@@ -9,29 +9,17 @@ import json
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import dpokit
 from dpokit.cli import main
 from dpokit.config import load_config
 from dpokit.evaluate import Models, load_models, preference_eval, score_responses
 from dpokit.families.vlm.tiny import QWEN_IMAGE, build_llava, build_qwen2_vl
+from test_vlm_sample import image_dir  # noqa: F401 - the shared fixture
 
 TEXTS = ["What is in the picture? A red square. A blue circle. Describe the image. It is green. Which shape? "
          "Two images: the first is larger. Nothing here."]
 BETA = 0.5
-
-
-def _noise(seed: int, h: int, w: int) -> Image.Image:
-    return Image.fromarray((np.random.default_rng(seed).random((h, w, 3)) * 255).astype("uint8"))
-
-
-@pytest.fixture(scope="module")
-def image_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("images")
-    for k, (h, w) in enumerate([(16, 24), (24, 24), (32, 16)]):
-        _noise(k, h, w).save(path / f"{k}.png")
-    return path
 
 
 def write_rows(path, items) -> str:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 from dataclasses import dataclass
-from typing import Any, ContextManager, Protocol, Sequence
+from typing import Any, Callable, ContextManager, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -215,6 +215,13 @@ class Family:
         from ..evaluate import read_completions
 
         return read_completions(source, processor, cfg)
+
+    def row_check(self, source: Any, processor: Any, cfg) -> Callable[[dict], Example]:
+        """One row of `source` → its example as training encodes it, or a `RowProblem` saying what is wrong with
+        it: what `dpokit data validate --family NAME` runs on every row. The causal LM's rows are checked by
+        `recipes.validate` itself; a family without its own check says so in one line."""
+        raise DpokitError(f"family {self.name!r} has no row check for `dpokit data validate`; `dpokit train` "
+                          "names the first bad row (on_bad_row=skip lists them all)")
 
     def load_trained(self, path: str, cfg=None) -> tuple[nn.Module, Any]:
         """Capability "load_trained": a saved model and its processor, frozen, for eval and score."""

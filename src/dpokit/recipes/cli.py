@@ -5,7 +5,7 @@
     dpokit data build rollouts ENV_ID OUT.jsonl|OUT.npz [--policy P] [--label smoothness|return|mod:fn]
     dpokit data build minari DATASET OUT.jsonl|OUT.npz [--episodes N] [--label smoothness|return|mod:fn]
     dpokit data build interactions LOG OUT.jsonl [--negatives rating|skipped|sampled] [--k K] [--split ...]
-    dpokit data validate FILE [--model M] [--max-length N] [--max-prompt-length N] [--json]
+    dpokit data validate FILE [--model M] [--family NAME] [--max-length N] [--max-prompt-length N] [--json]
     dpokit data asr MODEL EVAL_FILE [--max-new-tokens N] [--match contains|startswith]
 
 `dpokit data build RECIPE --help` describes the input each recipe reads.
@@ -43,6 +43,9 @@ def register(subparsers) -> None:
     p.add_argument("--max-length", type=int, default=1024)
     p.add_argument("--max-prompt-length", type=int, default=512)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--family", default="causal_lm",
+                   help="whose rows these are (default causal_lm); another family's rows go through its own loader "
+                        "(e.g. vlm, with --model for its processor)")
     p.set_defaults(data_run=_validate)
     p = sub.add_parser("asr", help="attack success rate of a model on held-out injected prompts "
                                    "(from `data build injection --eval`)")
@@ -67,15 +70,23 @@ def _build(args) -> None:
 
 
 def _validate(args) -> None:
-    from .validate import format_report, validate
+    from ..config import TrainConfig
+    from ..families import get_family
+    from .validate import format_report, validate, validate_with
 
-    tokenizer = None
-    if args.model:
-        from ..config import TrainConfig
-        from ..families import get_family
-
-        tokenizer = get_family("causal_lm").load_processor(args.model, TrainConfig())
-    report = validate(args.file, tokenizer, args.max_length, args.max_prompt_length)
+    family = get_family(args.family)
+    if args.family != "causal_lm":
+        if not args.model:
+            raise DpokitError(f"`dpokit data validate --family {args.family}` needs --model: the family's rows are "
+                              "checked by encoding them with the model's processor")
+        processor = family.load_processor(args.model, TrainConfig(model=args.model, family=args.family))
+        checks = [family.row_check(args.file, processor, TrainConfig(family=args.family, max_length=m,
+                                                                     max_prompt_length=mp))
+                  for m, mp in ((args.max_length, args.max_prompt_length), (None, None))]
+        report = validate_with(args.file, *checks)
+    else:
+        tokenizer = family.load_processor(args.model, TrainConfig()) if args.model else None
+        report = validate(args.file, tokenizer, args.max_length, args.max_prompt_length)
     print(report.to_json() if args.json else format_report(report, args.max_length, args.max_prompt_length))
     if report.bad_rows:
         raise DpokitError(f"{args.file}: {report.bad_rows} of {report.rows} rows have problems")

@@ -119,6 +119,35 @@ def validate(source: Any, tokenizer=None, max_length: int | None = None,
     return report
 
 
+def validate_with(source: Any, check, whole, max_prompt_length: int | None = None) -> Report:
+    """The report for a family's own rows (`dpokit data validate --family NAME`): each row through the family's
+    `row_check` — `check` encodes it as training would, `whole` without truncation, for the token lengths — so
+    the problems are the family loader's, in its words. Text statistics (characters, duplicates) are the causal
+    LM's and are left out."""
+    report = Report(describe(source))
+    tokens: dict[str, list[int]] = {"prompt": [], "chosen": [], "rejected": []}
+    for number, row in iter_rows(source):
+        report.rows += 1
+        try:
+            if isinstance(row, RowProblem):
+                raise row
+            ex, full = check(row), whole(row)
+        except RowProblem as e:
+            report.problems.setdefault(str(e), []).append(number)
+            if "identical" in str(e):
+                report.identical += 1
+            continue
+        report.usable += 1
+        report.kinds["pair"] = report.kinds.get("pair", 0) + 1
+        for name in tokens:
+            tokens[name].append(len(getattr(full, f"{name}_ids")))
+        report.truncated_prompt += len(ex.prompt_ids) < len(full.prompt_ids)
+        report.truncated_completion += (len(ex.chosen_ids), len(ex.rejected_ids)) != (len(full.chosen_ids),
+                                                                                       len(full.rejected_ids))
+    report.tokens = {k: _stats(v) for k, v in tokens.items() if v}
+    return report
+
+
 def format_report(r: Report, max_length: int | None = None, max_prompt_length: int | None = None) -> str:
     lines = [f"{r.source}: {r.rows} rows, {r.usable} usable, {r.bad_rows} with problems"]
     if set(r.kinds) - {"pair"}:

@@ -22,7 +22,7 @@ from ...config import TrainConfig
 from ...errors import DpokitError
 from ..base import Family, digest
 from ..causal_lm import collate as causal_collate
-from .data import VLMExample, completion_texts, load_examples, numbered_examples
+from .data import VLMExample, completion_texts, load_examples, numbered_examples, row_check
 from .loading import load_model, load_processor, load_trained, prepare_training
 from .positions import check_placements, placements, positions_3d, prompt_spans
 from .sampling import ImageMessages, ImagePrompt, VLMCompletion, read_prompts, sample
@@ -176,6 +176,9 @@ class VLMFamily(Family):
         a chosen reply; a bad row is one line naming file and row, as in training data."""
         return numbered_examples(source, processor, cfg.max_length, cfg.max_prompt_length, cfg.on_bad_row,
                                  completion_texts)
+
+    def row_check(self, source, processor, cfg):
+        return row_check(source, processor, cfg.max_length, cfg.max_prompt_length)
 
     def load_trained(self, path, cfg=None):
         """The frozen policy at `path` (a full model folder, or a peft adapter folder on its base) and its

@@ -342,6 +342,21 @@ def load_examples(source: Any, processor, max_length: int | None, max_prompt_len
     return [ex for _, ex in numbered_examples(source, processor, max_length, max_prompt_length, on_bad_row)]
 
 
+def image_base(source: Any) -> Path | None:
+    """Where a row's relative image paths start: the data file's folder (or the data folder); None for in-memory
+    rows, whose paths are relative to the working directory."""
+    if isinstance(source, (str, Path)):
+        return Path(source).parent if Path(source).is_file() else Path(source)
+    return None
+
+
+def row_check(source: Any, processor, max_length: int | None, max_prompt_length: int | None):
+    """One pair row of `source` → its example, encoded as training encodes it (a bad row raises its RowProblem):
+    `dpokit data validate --family vlm`."""
+    base = image_base(source)
+    return lambda row: encode(row_texts(row, processor, base), processor, max_length, max_prompt_length)
+
+
 def numbered_examples(source: Any, processor, max_length: int | None, max_prompt_length: int | None,
                       on_bad_row: str = "error",
                       read: Callable[..., Texts] = row_texts) -> list[tuple[int, VLMExample]]:
@@ -351,10 +366,7 @@ def numbered_examples(source: Any, processor, max_length: int | None, max_prompt
     stops with file, row and problem, or with on_bad_row=skip is dropped and counted in one warning."""
     if max_length is not None and max_length < 2:
         raise DpokitError(f"max_length must be >= 2 (a prompt token and a completion token), got {max_length}")
-    name = describe(source)
-    base = None  # image paths of in-memory rows are relative to the working directory
-    if isinstance(source, (str, Path)):
-        base = Path(source).parent if Path(source).is_file() else Path(source)
+    name, base = describe(source), image_base(source)
     out, skipped = [], {}
     for number, row in iter_rows(source):
         try:
