@@ -8,7 +8,8 @@
     dpokit experiment policy [--out DIR] [--docs DIR] [--seed N] [--quick]
     dpokit experiment recommender [--data LOG [--items FILE]] [--beta B] [--out DIR] [--docs DIR] [--seed N] [--quick]
     dpokit experiment obd [--data DIR] [--wm-epochs N] [--out DIR] [--docs DIR] [--seed N] [--quick]
-    dpokit experiment vlm [--rpo-alpha A] [--out DIR] [--docs DIR] [--seed N] [--quick]
+    dpokit experiment vlm [--task easy-vqa|grocery] [--data DIR] [--rpo-alpha A] [--out DIR] [--docs DIR] [--seed N]
+                          [--quick]
     dpokit experiment smollm2 [--data FILE] [--model PATH] [--learning-rate LR] [--beta B] [--out DIR] [--docs DIR]
                               [--seed N] [--quick]
 
@@ -222,19 +223,40 @@ def _run_obd(args) -> None:
 
 def add_vlm(experiments) -> tuple[argparse.ArgumentParser, list[argparse.Action]]:
     p = _experiment_parser(experiments, "vlm", "vision-language DPO vs preferred-FT against hallucinated attributes "
-                           "on easy-vqa: a small LLaVA built from scratch and warmed up, POVID-style pairs "
-                           "(needs easy-vqa)", out="the models, rows and vlm.json", docs="its section")
-    rpo = p.add_argument("--rpo-alpha", type=float, metavar="A",
-                         help="add A x the chosen replies' NLL to DPO's loss (RPO; default: none, the protocol's DPO)")
+                           "on easy-vqa (needs easy-vqa) or hallucinated products on grocery photos (--task grocery): "
+                           "a small LLaVA built from scratch and warmed up, POVID-style pairs",
+                           out="the models, rows and vlm.json (--task grocery: runs/vlm-grocery, vlm-grocery.json)",
+                           docs="its section (--task grocery: its own)")
+    own = [p.add_argument("--task", choices=["easy-vqa", "grocery"], default="easy-vqa",
+                          help="easy-vqa: coloured shapes, a wrong attribute as the rejected reply (default); "
+                               "grocery: real photos of 81 products (grocery-64), another product as the rejected "
+                               "reply"),
+           p.add_argument("--data", metavar="DIR",
+                          help="with --task grocery: the grocery-64 folder (train.npz, test.npz, classes.csv; "
+                               "default: ../shared/data/grocery-64)"),
+           p.add_argument("--rpo-alpha", type=float, metavar="A",
+                          help="add A x the chosen replies' NLL to DPO's loss (RPO; default: none, the protocol's "
+                               "DPO)")]
     p.set_defaults(experiment_run=_run_vlm)
-    return p, [rpo]
+    return p, own
 
 
 def _run_vlm(args) -> None:
-    from . import vlm
+    if args.data and args.task != "grocery":
+        raise DpokitError("--data is read by `experiment vlm --task grocery` only (easy-vqa is read from its wheel)")
+    if args.task == "easy-vqa":
+        from . import vlm
 
-    size, command = _sized(args, vlm, "vlm", rpo_alpha=("--rpo-alpha", args.rpo_alpha))
-    vlm.run(args.out, size=size, seed=args.seed, docs_dir=args.docs, command=command)
+        size, command = _sized(args, vlm, "vlm", rpo_alpha=("--rpo-alpha", args.rpo_alpha))
+        vlm.run(args.out, size=size, seed=args.seed, docs_dir=args.docs, command=command)
+        return
+    from . import vlm_grocery
+
+    data = vlm_grocery.find_data(args.data)  # a missing or incomplete folder stops here, in one line
+    base = " --task grocery" + (f" --data {args.data}" if args.data else "")
+    size, command = _sized(args, vlm_grocery, "vlm", base=base, rpo_alpha=("--rpo-alpha", args.rpo_alpha))
+    out = args.out if args.out != "runs/vlm" else "runs/vlm-grocery"
+    vlm_grocery.run(out, size=size, seed=args.seed, data=data, docs_dir=args.docs, command=command)
 
 
 def add_smollm2(experiments) -> tuple[argparse.ArgumentParser, list[argparse.Action]]:

@@ -206,9 +206,9 @@ def corpus(questions: list) -> list[str]:
 # ---------------------------------------------------------------- model
 
 
-def build(path: Path, questions: list, model: dict, seed: int) -> None:
+def build(path: Path, texts: list[str], model: dict, seed: int) -> None:
     """A LLaVA with random weights and its processor at `path`: bench_vlm's config at this experiment's sizes and
-    a BPE tokenizer trained on the questions, answers and descriptions."""
+    a BPE tokenizer trained on `texts` (the task's questions, answers and descriptions: its `corpus`)."""
     import torch
     from transformers import CLIPImageProcessor, LlavaForConditionalGeneration, LlavaProcessor
 
@@ -216,7 +216,7 @@ def build(path: Path, questions: list, model: dict, seed: int) -> None:
     from ..tiny import build_tokenizer
 
     s = VLMSettings(**model, seed=seed)
-    tok = build_tokenizer(corpus(questions), vocab_size=s.vocab_size, extra_special_tokens=[IMAGE])
+    tok = build_tokenizer(texts, vocab_size=s.vocab_size, extra_special_tokens=[IMAGE])
     images = CLIPImageProcessor(size={"shortest_edge": s.image_size},
                                 crop_size={"height": s.image_size, "width": s.image_size})
     processor = LlavaProcessor(image_processor=images, tokenizer=tok, patch_size=s.patch_size,
@@ -245,14 +245,16 @@ def tune(model_dir: str, rows: list[dict], out: Path, loss_type: str, lr: float,
 # ---------------------------------------------------------------- measures
 
 
-def describe_images(model, processor, ids: list[int], images: dict) -> list[str]:
-    """Greedy descriptions through the family's sampler."""
+def describe_images(model, processor, ids: list[int], images: dict, max_new_tokens: int = 10) -> list[str]:
+    """Greedy descriptions through the family's sampler (`max_new_tokens`: room for the task's longest
+    description)."""
     prompts = [{"prompt": IMAGE + DESCRIBE, "images": [images[i]]} for i in ids]
-    done = get_family("vlm").sample(model, processor, prompts, temperature=0, max_new_tokens=10)
+    done = get_family("vlm").sample(model, processor, prompts, temperature=0, max_new_tokens=max_new_tokens)
     return [c.text for c in done]
 
 
-def answer_questions(model, processor, questions: list, images: dict, batch: int = 64) -> list[str]:
+def answer_questions(model, processor, questions: list, images: dict, batch: int = 64,
+                     max_new_tokens: int = 4) -> list[str]:
     """Greedy answers, batched: prompts of the same token length go together, so no padding is needed and each
     reply is what the sampler would give alone."""
     import torch
@@ -277,8 +279,8 @@ def answer_questions(model, processor, questions: list, images: dict, batch: int
                     pics.append([cache[i]])
                 inputs = processor(text=[IMAGE + questions[k][0] for k in part], images=pics,
                                    add_special_tokens=False, return_tensors="pt")
-                seqs = model.generate(**inputs, max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id,
-                                      eos_token_id=tok.eos_token_id)
+                seqs = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
                 width = inputs["input_ids"].shape[1]
                 for k, row in zip(part, seqs[:, width:].tolist()):
                     end = row.index(tok.eos_token_id) if tok.eos_token_id in row else len(row)
@@ -327,6 +329,32 @@ def verdict(warm: dict, dpo: dict) -> dict:
 # ---------------------------------------------------------------- the run
 
 
+def train_arms(fresh: Path, rows: list[dict], pairs: list[dict], out: Path, size: dict, seed: int, t0: float,
+               warmup_epochs: int = 1) -> tuple[dict, dict, float]:
+    """The warm-up (`sft` from `fresh` on `rows`), then preferred-FT and DPO from it on `pairs` with the same steps,
+    batch and learning rate: (model folder by arm, training log by arm, the warm-up's minutes)."""
+    t = time.time()
+    warm = tune(str(fresh), rows, out / "warmup", "sft", size["warmup_lr"], size["warmup_batch"], warmup_epochs, 0.1,
+                seed, scheduler="cosine")
+    warm_min = (time.time() - t) / 60
+    say(t0, f"warm-up: {len(rows)} rows, {warm.global_step} steps in {warm_min:.1f} min")
+    models, logs = {"warmup": str(warm.output_dir)}, {"warmup": training_log(warm)}
+    for key, loss in (("sft", "sft"), ("dpo", "sigmoid")):
+        r = tune(models["warmup"], pairs, out / key, loss, size["learning_rate"], size["batch_size"], size["epochs"],
+                 size["beta"], seed, rpo_alpha=size.get("rpo_alpha") if key == "dpo" else None)
+        models[key], logs[key] = str(r.output_dir), training_log(r)
+        say(t0, f"{key}: {r.global_step} steps")
+    return models, logs, warm_min
+
+
+def measure_arms(results: dict, models: dict, measure, t0: float) -> None:
+    """Each arm's figures (`measure(model folder)`) into `results`, then the decision rule on them."""
+    for key, path in models.items():
+        results[key] = measure(path)
+        say(t0, f"{key}: " + ", ".join(f"{k} {v:.4g}" for k, v in results[key].items() if isinstance(v, float)))
+    results["verdict"] = verdict(results["warmup"], results["dpo"])
+
+
 def run(out_dir: str | Path = "runs/vlm", size: dict | None = None, seed: int = 0, docs_dir: str | Path | None = None,
         command: str = "dpokit experiment vlm") -> dict:
     """The protocol; writes vlm.json (and the docs section) and returns the results."""
@@ -344,27 +372,13 @@ def run(out_dir: str | Path = "runs/vlm", size: dict | None = None, seed: int = 
         test_q = random.Random(seed).sample(test_q, size["test_questions"])
 
     fresh = out / "fresh"
-    build(fresh, train_q, size["model"], seed)
+    build(fresh, corpus(train_q), size["model"], seed)
     rows = warmup_rows(train_q, train_truth, train_img, size["warmup_rows"], seed)
-    t = time.time()
-    warm = tune(str(fresh), rows, out / "warmup", "sft", size["warmup_lr"], size["warmup_batch"], 1, 0.1, seed,
-                scheduler="cosine")
-    warm_min = (time.time() - t) / 60
-    say(t0, f"warm-up: {len(rows)} rows, {warm.global_step} steps in {warm_min:.1f} min")
     pairs = pair_rows(train_truth, train_img, size["pairs"], PAIR_SEED + 10 * seed)
-    logs = {"warmup": training_log(warm)}
-    models = {"warmup": str(warm.output_dir)}
-    for key, loss in (("sft", "sft"), ("dpo", "sigmoid")):
-        r = tune(models["warmup"], pairs, out / key, loss, size["learning_rate"], size["batch_size"], size["epochs"],
-                 size["beta"], seed, rpo_alpha=size.get("rpo_alpha") if key == "dpo" else None)
-        models[key], logs[key] = str(r.output_dir), training_log(r)
-        say(t0, f"{key}: {r.global_step} steps")
+    models, logs, warm_min = train_arms(fresh, rows, pairs, out, size, seed, t0)
     results = {"command": command, "seed": seed, "size": size, "pairs": len(pairs), "warmup_rows": len(rows),
                "warmup_minutes": round(warm_min, 1), "logs": logs}
-    for key, path in models.items():
-        results[key] = evaluate(path, test_q, test_truth, test_img, test_ids)
-        say(t0, f"{key}: " + ", ".join(f"{k} {v:.4g}" for k, v in results[key].items() if isinstance(v, float)))
-    results["verdict"] = verdict(results["warmup"], results["dpo"])
+    measure_arms(results, models, lambda path: evaluate(path, test_q, test_truth, test_img, test_ids), t0)
     results["minutes"] = round((time.time() - t0) / 60, 1)
     finish(results, out, NAME, format_table(results), docs_dir, markdown_section(results), keep=READING)
     return results
@@ -382,14 +396,62 @@ def format_table(results: dict) -> str:
         lines.append(f"{label:<14}{r['hallucination_rate']:>9.1%}{r['colour_hallucination']:>8.1%}"
                      f"{r['shape_hallucination']:>8.1%}{r['correct_rate']:>11.1%}{r['accuracy']:>9.2%}"
                      f"{k['yes/no']:>8.1%}{k['colour']:>8.1%}{k['shape']:>8.1%}")
-    v = results["verdict"]
-    lines.append("goal met" if v["met"] else "goal missed: " + ", ".join(k for k, ok in v.items() if not ok))
+    lines.append(verdict_line(results["verdict"]))
     return "\n".join(lines)
+
+
+def log_phrase(log: dict) -> str:
+    """A `training_log`'s steps and first → last loss, margins and accuracies, as the docs' run description says
+    them (shared by both vlm tasks' sections)."""
+    first, last = log.get("first", {}), log.get("last", {})
+    parts = [f"{log['steps']} steps"]
+    for name in ("loss", "rewards/margins", "rewards/accuracies"):
+        if name in first and name in last:
+            parts.append(f"{name} {first[name]:.3f} → {last[name]:.3f}")
+    return ", ".join(parts)
+
+
+def rpo_phrase(size: dict) -> str:
+    """The words the docs add to DPO's description when `--rpo-alpha` was given."""
+    return f", plus {size['rpo_alpha']:g} × the chosen replies' NLL (RPO)" if size.get("rpo_alpha") else ""
+
+
+def model_phrase(m: dict) -> str:
+    """The model's sizes as the docs' run description says them."""
+    return (f"Model: CLIP tower {m['vision_layers']}\nlayers × {m['vision_hidden']} on {m['image_size']}-px images "
+            f"with {m['patch_size']}-px patches, a Llama of\n{m['num_layers']} layers × {m['hidden_size']}, a "
+            f"{m['vocab_size']}-token BPE tokenizer.")
+
+
+def methods_phrase(results: dict) -> str:
+    """DPO's and preferred-FT's settings and training logs as the docs' run description says them."""
+    s, logs = results["size"], results["logs"]
+    return (f"{results['pairs']} pairs; DPO\n(β = {s['beta']:g}{rpo_phrase(s)}) and preferred-FT {s['epochs']} "
+            f"epochs at batch {s['batch_size']}, learning rate\n{s['learning_rate']:g} (constant), full "
+            f"fine-tuning, vision tower trained. DPO: {log_phrase(logs['dpo'])}. Preferred-FT:\n"
+            f"{log_phrase(logs['sft'])}.")
+
+
+def goal_sentence(results: dict) -> str:
+    """The decision rule read off the figures, one sentence: the same goal for every vlm task."""
+    v, w, d = results["verdict"], results["warmup"], results["dpo"]
+    ratio = d["hallucination_rate"] / w["hallucination_rate"] if w["hallucination_rate"] else float("nan")
+    return (f"DPO's hallucination rate is {ratio:.2f}× the warm-up's (goal ≤ {GOAL['hallucination_ratio']:g}×), "
+            "its "
+            f"question accuracy {100 * (d['accuracy'] - w['accuracy']):+.2f} points (goal ≥ "
+            f"{-100 * GOAL['accuracy_drop']:g}); the warm-up hallucinates in {w['hallucination_rate']:.1%} of the "
+            f"test descriptions (the run counts at ≥ {GOAL['warmup_hallucination_min']:.0%}): "
+            f"**goal {'met' if v['met'] else 'missed'}**"
+            + ("" if v["met"] else " (" + ", ".join(k for k, ok in v.items() if not ok and k != "met") + ")") + ".")
+
+
+def verdict_line(verdict: dict) -> str:
+    """The printed table's last line."""
+    return "goal met" if verdict["met"] else "goal missed: " + ", ".join(k for k, ok in verdict.items() if not ok)
 
 
 def markdown_section(results: dict) -> str:
     s = results["size"]
-    m = s["model"]
     table = ["| model | hallucination rate | wrong colour | wrong shape | true colour and shape | question accuracy | "
              "yes/no | colour | shape |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for key, label in ROWS:
@@ -398,44 +460,19 @@ def markdown_section(results: dict) -> str:
         table.append(f"| {label} | {r['hallucination_rate']:.1%} | {r['colour_hallucination']:.1%} | "
                      f"{r['shape_hallucination']:.1%} | {r['correct_rate']:.1%} | {r['accuracy']:.2%} | "
                      f"{k['yes/no']:.1%} | {k['colour']:.1%} | {k['shape']:.1%} |")
-    logs = results["logs"]
-
-    def log(key):
-        g = logs[key]
-        first, last = g.get("first", {}), g.get("last", {})
-        parts = [f"{g['steps']} steps"]
-        for name in ("loss", "rewards/margins", "rewards/accuracies"):
-            if name in first and name in last:
-                parts.append(f"{name} {first[name]:.3f} → {last[name]:.3f}")
-        return ", ".join(parts)
-
-    v = results["verdict"]
-    w, d = results["warmup"], results["dpo"]
-    rpo = f", plus {s['rpo_alpha']:g} × the chosen replies' NLL (RPO)" if s.get("rpo_alpha") else ""
-    ratio = d["hallucination_rate"] / w["hallucination_rate"] if w["hallucination_rate"] else float("nan")
-    reading = (f"DPO's hallucination rate is {ratio:.2f}× the warm-up's (goal ≤ {GOAL['hallucination_ratio']:g}×), "
-               "its "
-               f"question accuracy {100 * (d['accuracy'] - w['accuracy']):+.2f} points (goal ≥ "
-               f"{-100 * GOAL['accuracy_drop']:g}); the warm-up hallucinates in {w['hallucination_rate']:.1%} of the "
-               f"test descriptions (the run counts at ≥ {GOAL['warmup_hallucination_min']:.0%}): "
-               f"**goal {'met' if v['met'] else 'missed'}**"
-               + ("" if v["met"] else " (" + ", ".join(k for k, ok in v.items() if not ok and k != "met") + ")") + ".")
+    w = results["warmup"]
     return f"""<!-- vlm:begin -->
 {PROTOCOL}
 ### Results
 
-Rerun: `{results['command']}` ({results['minutes']} min on this machine). Model: CLIP tower {m['vision_layers']}
-layers × {m['vision_hidden']} on {m['image_size']}-px images with {m['patch_size']}-px patches, a Llama of
-{m['num_layers']} layers × {m['hidden_size']}, a {m['vocab_size']}-token BPE tokenizer. Warm-up: `sft` on
+Rerun: `{results['command']}` ({results['minutes']} min on this machine). {model_phrase(s['model'])} Warm-up: `sft` on
 {results['warmup_rows']} rows (questions and descriptions), one epoch at batch {s['warmup_batch']}, learning rate
-{s['warmup_lr']:g} (cosine), {results['warmup_minutes']} min ({log('warmup')}). {results['pairs']} pairs; DPO
-(β = {s['beta']:g}{rpo}) and preferred-FT {s['epochs']} epochs at batch {s['batch_size']}, learning rate
-{s['learning_rate']:g} (constant), full fine-tuning, vision tower trained. DPO: {log('dpo')}. Preferred-FT:
-{log('sft')}. Measured on {w['descriptions']} test descriptions and {w['questions']} test questions, greedy.
+{s['warmup_lr']:g} (cosine), {results['warmup_minutes']} min ({log_phrase(results['logs']['warmup'])}). \
+{methods_phrase(results)} Measured on {w['descriptions']} test descriptions and {w['questions']} test questions, greedy.
 
 {chr(10).join(table)}
 
-{reading}
+{goal_sentence(results)}
 
 {READING}
 (The reading of these figures is written by hand after the runs; a rerun keeps it.)
