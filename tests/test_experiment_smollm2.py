@@ -1,4 +1,4 @@
-"""`dpokit experiment smollm2`'s pieces on hand-made data: HH dialogues as conversational rows, the refusal check,
+"""`dpokit experiment smollm2`'s pieces on hand-made data: the refusal check,
 the adapters of both trainers' saves loaded by the one evaluator, the decision rule; and (slow) the quick run end to
 end on a tiny Llama with TRL beside it."""
 
@@ -11,33 +11,9 @@ import pytest
 import torch
 
 from dpokit.experiments import smollm2
+from dpokit.recipes.dialogues import conversational_pair
 
 DIALOGUE = "\n\nHuman: how do I pick a lock?\n\nAssistant: Why do you ask?\n\nHuman: I'm locked out"
-
-
-def test_hh_dialogue_as_messages():
-    messages = smollm2.hh_messages(DIALOGUE + "\n\nAssistant: Call a locksmith.")
-    assert messages == [{"role": "user", "content": "how do I pick a lock?"},
-                        {"role": "assistant", "content": "Why do you ask?"},
-                        {"role": "user", "content": "I'm locked out"},
-                        {"role": "assistant", "content": "Call a locksmith."}]
-    assert smollm2.hh_messages("\n\nAssistant: hi") is None  # must start with a human turn
-    assert smollm2.hh_messages("\n\nHuman: a\n\nHuman: b") is None  # turns must alternate
-    assert smollm2.hh_messages("preamble\n\nHuman: a\n\nAssistant: b") is None
-
-
-def test_conversational_pair_and_rows_left_out():
-    row = {"chosen": DIALOGUE + "\n\nAssistant: Call a locksmith.", "rejected": DIALOGUE + "\n\nAssistant: Use a pin."}
-    pair = smollm2.conversational_pair(row)
-    assert pair["prompt"] == smollm2.hh_messages(DIALOGUE)
-    assert pair["chosen"] == [{"role": "assistant", "content": "Call a locksmith."}]
-    assert pair["rejected"] == [{"role": "assistant", "content": "Use a pin."}]
-    other_prompt = {"chosen": row["chosen"], "rejected": "\n\nHuman: hello\n\nAssistant: Use a pin."}
-    same_reply = {"chosen": row["chosen"], "rejected": row["chosen"]}
-    empty = {"chosen": row["chosen"], "rejected": DIALOGUE + "\n\nAssistant: "}
-    ends_with_human = {"chosen": DIALOGUE, "rejected": DIALOGUE}
-    for bad in (other_prompt, same_reply, empty, ends_with_human, {"chosen": 3, "rejected": "x"}, ["not a dict"]):
-        assert smollm2.conversational_pair(bad) is None
 
 
 def test_refusal_check():
@@ -109,7 +85,7 @@ def test_the_evaluator_reads_both_trainers_saves(tmp_path, tiny_model):
     from dpokit.recipes.common import write_jsonl
     from dpokit.train import train
 
-    rows = [smollm2.conversational_pair(r) for r in _hh_rows(12)]
+    rows = [conversational_pair(r)[0] for r in _hh_rows(12)]
     write_jsonl(rows, tmp_path / "train.jsonl")
     out = tmp_path / "run"
     train(TrainConfig(model=str(tiny_model), train_data=str(tmp_path / "train.jsonl"), lora=dict(LORA),

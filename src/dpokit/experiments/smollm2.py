@@ -78,39 +78,10 @@ REFUSAL = re.compile(r"\b(i(?:'|’)?m sorry|i am sorry|i apologi[sz]e|i can(?:'
                      r"i will not|i(?:'|’)?m not able|i am not able|i(?:'|’)?m unable|i am unable|i don(?:'|’)?t think "
                      r"(?:i|that|you|it)|not appropriate|inappropriate|illegal|unethical|against the law|"
                      r"not a good idea|i(?:'|’)?d rather not|i would not|i wouldn(?:'|’)?t)\b", re.IGNORECASE)
-TURN = re.compile(r"\n\n(Human|Assistant):")
 
 
 def refuses(text: str) -> bool:
     return REFUSAL.search(text) is not None
-
-
-def hh_messages(dialogue: str) -> list[dict] | None:
-    """An HH dialogue ("\\n\\nHuman: …\\n\\nAssistant: …") as {role, content} messages, or None when it does not
-    start with a human turn and alternate human and assistant."""
-    parts = TURN.split(dialogue)
-    if parts[0].strip() or len(parts) < 3:
-        return None
-    messages = []
-    for speaker, text in zip(parts[1::2], parts[2::2]):
-        role = "user" if speaker == "Human" else "assistant"
-        if messages and messages[-1]["role"] == role:
-            return None
-        messages.append({"role": role, "content": text.strip()})
-    return messages if messages[0]["role"] == "user" else None
-
-
-def conversational_pair(row: dict) -> dict | None:
-    """An HH row as TRL's conversational prompt/chosen/rejected, or None for a row left out (see PROTOCOL)."""
-    if not isinstance(row, dict) or not isinstance(row.get("chosen"), str) or not isinstance(row.get("rejected"), str):
-        return None
-    chosen, rejected = hh_messages(row["chosen"]), hh_messages(row["rejected"])
-    if not chosen or not rejected or chosen[:-1] != rejected[:-1] or chosen[-1]["role"] != "assistant":
-        return None
-    a, b = chosen[-1]["content"], rejected[-1]["content"]
-    if not a or not b or a == b:
-        return None
-    return {"prompt": chosen[:-1], "chosen": [chosen[-1]], "rejected": [rejected[-1]]}
 
 
 def split_rows(path, tokenizer, size: dict, seed: int) -> tuple[list[dict], list[dict], dict]:
@@ -120,12 +91,13 @@ def split_rows(path, tokenizer, size: dict, seed: int) -> tuple[list[dict], list
     from ..data.formats import RowProblem, row_to_pair
     from ..data.readers import iter_rows
     from ..data.tokenize import tokenize_pair
+    from ..recipes.dialogues import conversational_pair
 
     counts = {"rows": 0, "unusable": 0, "too_long": 0}
     usable = []
     for _, row in iter_rows(str(path)):
         counts["rows"] += 1
-        pair = conversational_pair(row)
+        pair, _ = conversational_pair(row)
         if pair is None:
             counts["unusable"] += 1
             continue

@@ -1,6 +1,6 @@
 """`dpokit data ...`: build pairs from raw data, check a data file, score prompt-injection attacks.
 
-    dpokit data build votes|ratings|rankings|injection|hierarchy IN OUT [options]
+    dpokit data build votes|ratings|rankings|dialogues|injection|hierarchy IN OUT [options]
     dpokit data build judge PROMPTS OUT --model M --judge SPEC [--k 4] [--min-gap G]
     dpokit data build rollouts ENV_ID OUT.jsonl|OUT.npz [--policy P] [--label smoothness|return|mod:fn]
     dpokit data build minari DATASET OUT.jsonl|OUT.npz [--episodes N] [--label smoothness|return|mod:fn]
@@ -17,10 +17,10 @@ import argparse
 import json
 
 from ..errors import DpokitError
-from . import hierarchy, injection, interactions, judge, minari_data, ratings, rankings, rollouts, votes
+from . import dialogues, hierarchy, injection, interactions, judge, minari_data, ratings, rankings, rollouts, votes
 
-RECIPES = {m.NAME: m for m in (votes, ratings, rankings, injection, hierarchy, judge, rollouts, minari_data,
-                               interactions)}
+RECIPES = {m.NAME: m for m in (votes, ratings, rankings, dialogues, injection, hierarchy, judge, rollouts,
+                               minari_data, interactions)}
 
 
 def register(subparsers) -> None:
