@@ -21,7 +21,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -29,6 +29,7 @@ from torch import nn
 from .config import TrainConfig, load_config
 from .data import Example, Pair, RowProblem, read_rows, split_implicit_prompt, tokenize_pair
 from .data.formats import text_field
+from .data.readers import describe
 from .errors import DataError, DpokitError
 from .families import Family, get_family
 from .io import write_text
@@ -181,18 +182,23 @@ def score_responses(models: Models, source: Any, batch_size: int | None = None, 
 # ---------------------------------------------------------------- held-out prompts
 
 
-def read_prompts(source: Any, limit: int | None = None) -> list:
-    """Prompts from rows with a `prompt` field, or from preference rows with an implicit prompt."""
-    name = str(source)
+def text_prompt(row: dict):
+    """A row's text prompt: its `prompt` field, or a preference row's implicit prompt."""
+    if row.get("prompt") is not None:
+        return text_field(row, "prompt")
+    text_field(row, "chosen")
+    text_field(row, "rejected")
+    return split_implicit_prompt(row["chosen"], row["rejected"])[0]
+
+
+def read_prompts(source: Any, limit: int | None = None, prompt_of: Callable[[dict], Any] = text_prompt) -> list:
+    """The first `limit` prompts of `source`, `prompt_of` reading each row's (a RowProblem stops with file and
+    row): text prompts by default; a family with prompts of its own (images) passes its reader."""
+    name = describe(source)
     prompts = []
     for number, row in read_rows(source):
         try:
-            if row.get("prompt") is not None:
-                prompts.append(text_field(row, "prompt"))
-            else:
-                text_field(row, "chosen")
-                text_field(row, "rejected")
-                prompts.append(split_implicit_prompt(row["chosen"], row["rejected"])[0])
+            prompts.append(prompt_of(row))
         except RowProblem as e:
             raise DataError(name, number, str(e)) from None
         if limit and len(prompts) >= limit:

@@ -11,6 +11,14 @@ from typing import Any
 from .formats import RowProblem
 
 
+def image_base(source: Any) -> Path | None:
+    """Where a row's relative image paths start: the data file's folder (or the data folder); None for in-memory
+    rows, whose paths are relative to the working directory."""
+    if isinstance(source, (str, Path)):
+        return Path(source).parent if Path(source).is_file() else Path(source)
+    return None
+
+
 def open_image(value: Any, base: Path | None, where: str):
     """A PIL image (loaded, its mode as stored) from a row's value: a path (relative to the data file's folder
     `base`), bytes, a PIL image, or `datasets`' Image encoding {"bytes": ..., "path": ...} (bytes win: the path may

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from ...data import read_rows
+from ...data.images import image_base
 from ...data.readers import describe
 from ...errors import DataError
 from .images import ImageProblem, check_mode, open_image, to_tensor
@@ -200,10 +201,7 @@ def _row(number: int, row: dict, spec: ImageSpec, base: Path | None, first: list
 def load_pairs(source: Any, spec: ImageSpec) -> list[RawPair]:
     """Every pair (or unpaired row) of `source`; a bad row raises DataError naming the file, the row and the
     problem."""
-    name = describe(source)
-    base = None  # image paths of in-memory rows are relative to the working directory
-    if isinstance(source, (str, Path)):
-        base = Path(source).parent if Path(source).is_file() else Path(source)
+    name, base = describe(source), image_base(source)
     pairs, ties, first = [], 0, []
     for number, row in read_rows(source):
         try:

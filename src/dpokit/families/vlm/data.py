@@ -34,6 +34,7 @@ from typing import Any, Callable
 import torch
 
 from ...data import RowProblem, iter_rows, split_implicit_prompt
+from ...data.images import image_base
 from ...data.readers import describe
 from ...errors import DataError, DpokitError
 from .images import open_image
@@ -340,14 +341,6 @@ def load_examples(source: Any, processor, max_length: int | None, max_prompt_len
                   on_bad_row: str = "error") -> list[VLMExample]:
     """Every pair of `source` (see `numbered_examples`)."""
     return [ex for _, ex in numbered_examples(source, processor, max_length, max_prompt_length, on_bad_row)]
-
-
-def image_base(source: Any) -> Path | None:
-    """Where a row's relative image paths start: the data file's folder (or the data folder); None for in-memory
-    rows, whose paths are relative to the working directory."""
-    if isinstance(source, (str, Path)):
-        return Path(source).parent if Path(source).is_file() else Path(source)
-    return None
 
 
 def row_check(source: Any, processor, max_length: int | None, max_prompt_length: int | None):

@@ -13,7 +13,6 @@ returned `Completion`s are the causal-LM sampler's.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -21,8 +20,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ...data import RowProblem, split_implicit_prompt
-from ...data.readers import describe, read_rows
-from ...errors import DataError, DpokitError
+from ...data.images import image_base
+from ...errors import DpokitError
 from ..causal_lm import Completion
 from .data import TEXT_KEYS, VLMExample, _images, _messages, _place_images, _template, image_token_id, uses_mrope
 from .positions import mrope_positions
@@ -85,29 +84,23 @@ def _checked(prompt: Any, images: list, processor) -> ImagePrompt | ImageMessage
 def read_prompts(source: Any, processor, limit: int | None = None) -> list:
     """Prompts with their images from rows with a `prompt` field (or preference rows with an implicit prompt) and
     `images`/`image`, image paths relative to the file's folder; a bad row is one line naming file and row."""
-    name = describe(source)
-    base = None
-    if isinstance(source, (str, Path)):
-        base = Path(source).parent if Path(source).is_file() else Path(source)
-    prompts = []
-    for number, row in read_rows(source):
-        try:
-            prompt = row.get("prompt")
-            if prompt is None:
-                chosen, rejected = row.get("chosen"), row.get("rejected")
-                if chosen is None or rejected is None:
-                    raise RowProblem("missing field 'prompt' (or 'chosen' and 'rejected' to split one from)")
-                if isinstance(chosen, list) and isinstance(rejected, list):
-                    chosen, rejected = _messages(chosen, "chosen"), _messages(rejected, "rejected")
-                prompt = split_implicit_prompt(chosen, rejected)[0]
-            prompts.append(_checked(prompt, _images(row, base), processor))
-        except RowProblem as e:
-            raise DataError(name, number, str(e)) from None
-        if limit and len(prompts) >= limit:
-            break
-    if not prompts:
-        raise DataError(name, None, "no prompts")
-    return prompts
+    from ...evaluate import read_prompts as read_each
+
+    base = image_base(source)
+    return read_each(source, limit, lambda row: _checked(_row_prompt(row), _images(row, base), processor))
+
+
+def _row_prompt(row: dict) -> Any:
+    """A row's prompt, or the prompt that chosen and rejected share (message lists split at their last message)."""
+    prompt = row.get("prompt")
+    if prompt is not None:
+        return prompt
+    chosen, rejected = row.get("chosen"), row.get("rejected")
+    if chosen is None or rejected is None:
+        raise RowProblem("missing field 'prompt' (or 'chosen' and 'rejected' to split one from)")
+    if isinstance(chosen, list) and isinstance(rejected, list):
+        chosen, rejected = _messages(chosen, "chosen"), _messages(rejected, "rejected")
+    return split_implicit_prompt(chosen, rejected)[0]
 
 
 def _as_prompt(prompt: Any, processor) -> ImagePrompt | ImageMessages:
